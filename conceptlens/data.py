@@ -1,0 +1,298 @@
+"""Data manifests: CSV tables of images, their preprocessing, and loaders with a bad-image policy.
+
+A manifest is a CSV whose ``image`` column holds paths relative to the CSV; ``label`` and
+``split`` are optional and every further column is an attribute (``site``, ``has_tag``, ...).
+Preprocessing comes, in increasing priority, from the model's defaults, a TOML sidecar next to the
+CSV (``<stem>.toml`` with a ``[preprocessing]`` table), and explicit overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from .errors import ConceptLensError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["Preprocessing", "Manifest", "ImageDataset", "BadImage", "make_loader", "load_images"]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes a model input.
+
+    Parameters
+    ----------
+    resize : int or None
+        Resize so the shorter side has this many pixels (``None``: keep the size).
+    crop : int or None
+        Centre crop to ``crop x crop`` after resizing (``None``: no crop). Dissection never crops.
+    mean, std : tuple of float
+        Per-channel normalisation of the ``[0, 1]`` RGB tensor.
+    """
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self):
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConceptLensError(
+                    f"preprocessing {name} must be a positive integer or None; got {value!r}"
+                )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConceptLensError(
+                f"preprocessing mean and std need 3 values (RGB); got mean={self.mean}, std={self.std}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ConceptLensError(f"preprocessing std values must be positive; got {self.std}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @classmethod
+    def imagenet(cls):
+        """The torchvision ImageNet evaluation preprocessing: resize 256, centre crop 224."""
+        return cls(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    @classmethod
+    def from_dict(cls, d, source="preprocessing"):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConceptLensError(
+                f"{source}: unknown preprocessing keys {sorted(unknown)}; "
+                "expected resize, crop, mean, std"
+            )
+        d = dict(d)
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_dict(self):
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+    def updated(self, **overrides):
+        """Copy with the given fields replaced; ``None`` values in ``overrides`` are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def transform(self):
+        steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+        if self.resize is not None:
+            steps.append(T.Resize(self.resize, antialias=True))
+        if self.crop is not None:
+            steps.append(T.CenterCrop(self.crop))
+        steps.append(T.Normalize(self.mean, self.std))
+        return T.Compose(steps)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A table of images: ``frame`` holds the CSV, ``root`` the folder image paths are relative to."""
+
+    path: Path
+    frame: pd.DataFrame = field(repr=False)
+    preprocessing: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path):
+        """Read and validate a manifest CSV and its optional TOML sidecar."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConceptLensError(f"manifest {path} does not exist; pass the path of a CSV file")
+        try:
+            frame = pd.read_csv(path, dtype={"image": str, "label": str, "split": str}, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise ConceptLensError(f"manifest {path} is not a readable CSV: {exc}") from None
+        if "image" not in frame.columns:
+            raise ConceptLensError(
+                f"manifest {path} has no 'image' column (columns: {', '.join(frame.columns)}); "
+                "the first line must name the columns, with image paths relative to the CSV"
+            )
+        if len(frame) == 0:
+            raise ConceptLensError(f"manifest {path} has no rows")
+        empty = frame.index[frame["image"].str.len() == 0]
+        if len(empty):
+            raise ConceptLensError(f"manifest {path}: row {empty[0] + 2} has an empty 'image' cell")
+        sidecar = path.with_suffix(".toml")
+        prep = {}
+        if sidecar.is_file():
+            try:
+                prep = tomllib.loads(sidecar.read_text()).get("preprocessing", {})
+            except tomllib.TOMLDecodeError as exc:
+                raise ConceptLensError(f"manifest sidecar {sidecar} is not valid TOML: {exc}") from None
+            Preprocessing.from_dict(prep, source=str(sidecar))  # validate early
+        return cls(path=path.resolve(), frame=frame.reset_index(drop=True), preprocessing=prep)
+
+    @property
+    def root(self):
+        return self.path.parent
+
+    def __len__(self):
+        return len(self.frame)
+
+    def image_paths(self):
+        return [self.root / p for p in self.frame["image"]]
+
+    @property
+    def attributes(self):
+        """Columns other than ``image``, ``label`` and ``split``."""
+        return [c for c in self.frame.columns if c not in ("image", "label", "split")]
+
+    def subset(self, mask):
+        """A manifest of the rows where ``mask`` holds, keeping the same root and sidecar."""
+        return dataclasses.replace(self, frame=self.frame[np.asarray(mask)].reset_index(drop=True))
+
+    def resolve_preprocessing(self, default, **overrides):
+        """Model default, then this manifest's sidecar, then explicit overrides (None = unset)."""
+        prep = dataclasses.replace(default, **_sidecar_fields(self.preprocessing))
+        return prep.updated(**overrides)
+
+    def content_hash(self):
+        """Hash of the rows and of each image file's path, size and mtime.
+
+        Cheap for large datasets; a copied or touched image changes the hash, which makes caches
+        rebuild rather than silently reuse stale results.
+        """
+        h = hashlib.sha256()
+        h.update(pd.util.hash_pandas_object(self.frame, index=True).values.tobytes())
+        h.update(str(list(self.frame.columns)).encode())
+        for p in self.image_paths():
+            try:
+                st = os.stat(p)
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}|missing\n".encode())
+        return h.hexdigest()
+
+
+def _sidecar_fields(d):
+    out = dict(d)
+    for key in ("mean", "std"):
+        if key in out:
+            out[key] = tuple(out[key])
+    return out
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image that could not be read: its manifest row, path and the reason."""
+
+    row: int
+    image: str
+    error: str
+
+
+class ImageDataset(Dataset):
+    """Manifest rows as ``(row, tensor, error)``; a bad image gives ``tensor=None`` and the reason.
+
+    Errors travel as values so the main process decides (raise or skip) even with worker processes.
+    """
+
+    def __init__(self, manifest, preprocessing):
+        self.paths = [str(p) for p in manifest.image_paths()]
+        self.images = list(manifest.frame["image"])
+        self.transform = preprocessing.transform()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                x = self.transform(im.convert("RGB"))
+        except FileNotFoundError:
+            return i, None, "file not found"
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image, reported by name
+            return i, None, f"cannot decode image ({type(exc).__name__}: {exc})"
+        return i, x, None
+
+
+def _collate(items):
+    good = [(i, x) for i, x, err in items if err is None]
+    bad = [(i, err) for i, x, err in items if err is not None]
+    if good:
+        shapes = {tuple(x.shape) for _, x in good}
+        if len(shapes) > 1:
+            raise ConceptLensError(
+                f"images in one batch have different sizes after preprocessing ({sorted(shapes)}); "
+                "set a resize and crop (e.g. --size and a TOML sidecar with crop) so they match"
+            )
+        rows = torch.tensor([i for i, _ in good])
+        batch = torch.stack([x for _, x in good])
+    else:
+        rows, batch = torch.empty(0, dtype=torch.long), None
+    return rows, batch, bad
+
+
+class _Batches:
+    """Iterates ``(rows, images)`` batches, applying the bad-image policy and recording skips."""
+
+    def __init__(self, loader, dataset, skip_bad):
+        self.loader, self.dataset, self.skip_bad = loader, dataset, skip_bad
+        self.skipped: list[BadImage] = []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for rows, batch, bad in self.loader:
+            for i, err in bad:
+                image = self.dataset.images[i]
+                if not self.skip_bad:
+                    raise ConceptLensError(
+                        f"image {image} (manifest row {i + 2}): {err}; fix or remove it, "
+                        "or pass --skip-bad to skip bad images (they are counted and listed)"
+                    )
+                self.skipped.append(BadImage(i, image, err))
+                logger.warning("skipping bad image %s: %s", image, err)
+            if batch is not None:
+                yield rows, batch
+
+
+def make_loader(manifest, preprocessing, batch_size=64, num_workers=0, skip_bad=False, start=0):
+    """Batches ``(rows, images)`` over the manifest rows from ``start`` on, in manifest order.
+
+    The returned object has a ``skipped`` list of :class:`BadImage` filled during iteration.
+    """
+    if batch_size < 1:
+        raise ConceptLensError(f"batch_size must be a positive integer; got {batch_size}")
+    dataset = ImageDataset(manifest, preprocessing)
+    indices = range(start, len(dataset))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    return _Batches(loader, dataset, skip_bad)
+
+
+def load_images(manifest, preprocessing, batch_size=256, num_workers=0):
+    """All images of a (small) manifest as one tensor ``[N, 3, H, W]`` in manifest order."""
+    batches = make_loader(manifest, preprocessing, batch_size=batch_size, num_workers=num_workers)
+    return torch.cat([x for _, x in batches])

@@ -1,0 +1,147 @@
+"""The demo model: a small VGG-style CNN with readable layer names, trained on a concept world.
+
+Layers (``named_modules`` names): ``conv1 bn1 relu1 pool1`` ... ``conv4 bn4 relu4``, ``gap``, ``fc``.
+The weights are saved as a plain state dict with a JSON sidecar (``<weights>.json``) holding the
+architecture, class names, preprocessing, world seed and test accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Manifest, Preprocessing, load_images
+from .errors import ConceptLensError
+
+__all__ = ["DemoCNN", "train_demo", "DEMO_ARCHITECTURE"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_ARCHITECTURE = "conceptlens-demo-cnn-v1"
+
+
+class DemoCNN(nn.Module):
+    """Four conv blocks (3x3 conv, BatchNorm, ReLU; max-pool after the first three), GAP, linear."""
+
+    def __init__(self, num_classes, widths=(16, 32, 64, 64)):
+        super().__init__()
+        self.widths = tuple(widths)
+        in_ch = 3
+        for i, w in enumerate(self.widths, start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(in_ch, w, 3, padding=1, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(w))
+            setattr(self, f"relu{i}", nn.ReLU())
+            if i < len(self.widths):
+                setattr(self, f"pool{i}", nn.MaxPool2d(2))
+            in_ch = w
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        for i in range(1, len(self.widths) + 1):
+            x = getattr(self, f"relu{i}")(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+            if i < len(self.widths):
+                x = getattr(self, f"pool{i}")(x)
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+def _channel_stats(images):
+    return images.mean(dim=(0, 2, 3)).tolist(), images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, progress=True):
+    """Train :class:`DemoCNN` on a concept world's ``train`` split and evaluate on ``test``.
+
+    Parameters
+    ----------
+    world : str or Path
+        A concept world directory (``conceptlens world``) holding ``manifest.csv`` and ``world.json``.
+    out : str or Path
+        Where to write the state dict (``.pt``); the sidecar goes to the same stem with ``.json``.
+    epochs, batch_size, lr : training schedule (AdamW with a one-cycle learning rate).
+    seed : int
+        Seeds initialisation and batch order; same world + seed gives the same weights.
+
+    Returns
+    -------
+    dict
+        The sidecar content, including ``test_accuracy`` and ``train_seconds``.
+    """
+    world = Path(world)
+    meta_path = world / "world.json"
+    if not meta_path.is_file():
+        raise ConceptLensError(f"{world} is not a concept world (no world.json); create one with `conceptlens world`")
+    world_meta = json.loads(meta_path.read_text())
+    manifest = Manifest.read(world / "manifest.csv")
+    classes = list(world_meta["classes"])
+    frame = manifest.frame
+    unknown = set(frame["label"]) - set(classes)
+    if unknown:
+        raise ConceptLensError(f"{manifest.path}: labels {sorted(unknown)} are not classes of the world {classes}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    raw = Preprocessing()
+    train_m = manifest.subset(frame["split"] == "train")
+    test_m = manifest.subset(frame["split"] == "test")
+    x_train = load_images(train_m, raw)
+    x_test = load_images(test_m, raw)
+    mean, std = _channel_stats(x_train)
+    prep = Preprocessing(mean=mean, std=std)
+    norm = lambda x: (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
+    x_train, x_test = norm(x_train), norm(x_test)
+    y_train = torch.tensor([classes.index(c) for c in train_m.frame["label"]])
+    y_test = torch.tensor([classes.index(c) for c in test_m.frame["label"]])
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = DemoCNN(len(classes))
+    steps_per_epoch = int(np.ceil(len(x_train) / batch_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(range(epochs), desc="train demo CNN", unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(x_train[idx]), y_train[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.inference_mode():
+        pred_test = torch.cat([model(x).argmax(1) for x in x_test.split(256)])
+        pred_train = torch.cat([model(x).argmax(1) for x in x_train.split(256)])
+    test_acc = float((pred_test == y_test).float().mean())
+    train_acc = float((pred_train == y_train).float().mean())
+    seconds = time.perf_counter() - t0
+
+    torch.save(model.state_dict(), out)
+    sidecar = {
+        "architecture": DEMO_ARCHITECTURE,
+        "widths": list(model.widths),
+        "classes": classes,
+        "preprocessing": prep.to_dict(),
+        "world": str(world.resolve()),
+        "world_seed": world_meta.get("config", {}).get("seed"),
+        "train_seed": seed,
+        "epochs": epochs,
+        "train_accuracy": round(train_acc, 6),
+        "test_accuracy": round(test_acc, 6),
+        "train_seconds": round(seconds, 2),
+    }
+    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    logger.info("demo CNN: test accuracy %.3f after %.1f s", test_acc, seconds)
+    return sidecar

@@ -1,0 +1,407 @@
+"""Model specs, safe weight loading and layer-name validation.
+
+A model spec is a string:
+
+``demo:<weights.pt>``
+    The built-in demo CNN; its sidecar ``<weights>.json`` carries classes and preprocessing.
+``torchvision:<arch>[:<weights.pt>]``
+    A torchvision architecture; without a weights file it is randomly initialised (seeded) and a
+    warning says so. Nothing is downloaded.
+``python:<module or file.py>:<factory>[:<weights.pt>]``
+    ``factory()`` from the user's own code returns the ``nn.Module``.
+``export:<program.pt2>``
+    A ``torch.export`` program; ``torch.export.unflatten`` restores named submodules for hooks.
+
+Weights are plain state dicts read with ``torch.load(weights_only=True)``. Any weights file may have
+a JSON sidecar ``<weights>.json`` with ``classes`` (list of names in logit order) and
+``preprocessing`` (``resize``, ``crop``, ``mean``, ``std``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import pickle
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .data import Preprocessing
+from .errors import ConceptLensError, closest_names
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "load_state_dict",
+    "resolve_device",
+    "list_layers",
+    "validate_layers",
+]
+
+logger = logging.getLogger(__name__)
+
+_KINDS = ("demo", "torchvision", "python", "export")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for analysis, with what it came from.
+
+    Attributes
+    ----------
+    module : nn.Module
+        In ``eval()`` mode, on ``device``.
+    spec : str
+        The model spec it was loaded from.
+    weights_hash : str
+        SHA-256 over the state dict's names, shapes and bytes (identifies the actual weights).
+    preprocessing : Preprocessing
+        The model's default preprocessing.
+    classes : list of str or None
+        Class names in logit order, when known (demo model or a sidecar).
+    """
+
+    module: nn.Module = field(repr=False)
+    spec: str
+    weights_hash: str
+    preprocessing: Preprocessing
+    classes: list | None
+    device: torch.device
+
+    def class_index(self, name):
+        """Logit index of a class given by name (or by its index as a string)."""
+        if self.classes is not None and name in self.classes:
+            return self.classes.index(name)
+        if str(name).isdigit():
+            return int(name)
+        known = f"known classes: {', '.join(self.classes)}" if self.classes else (
+            "this model has no class names (add 'classes' to its weights sidecar JSON) - use logit indices"
+        )
+        raise ConceptLensError(f"class {name!r} is not a class of model {self.spec}; {known}")
+
+
+def resolve_device(device="auto"):
+    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        logger.info("device auto → %s", chosen)
+        return chosen
+    if device == "cpu" or str(device).startswith("cuda"):
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConceptLensError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+        return torch.device(device)
+    raise ConceptLensError(f"device must be auto, cpu or cuda[:N]; got {device!r}")
+
+
+def _is_torchscript(path):
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def load_state_dict(path):
+    """Read a state dict with ``torch.load(weights_only=True)``, refusing pickled objects.
+
+    Checkpoints that wrap the weights under ``state_dict`` or ``model`` are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptLensError(f"weights file {path} does not exist")
+    if _is_torchscript(path):
+        raise ConceptLensError(
+            f"{path} is a TorchScript archive; TorchScript modules refuse forward hooks, so conceptlens "
+            "cannot analyse them - save the eager model's state_dict, or a torch.export program (export:FILE)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConceptLensError(
+            f"weights file {path} holds Python objects beyond tensors and is refused "
+            f"(torch.load weights_only=True: {first}); re-save it with torch.save(model.state_dict(), path)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConceptLensError(f"weights file {path} cannot be read as a torch state dict: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            logger.info("using the '%s' entry of checkpoint %s", key, path)
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConceptLensError(
+            f"weights file {path} is not a state dict (a mapping of names to tensors); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def _state_hash(module):
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _read_sidecar(weights):
+    if not weights:
+        return {}
+    side = Path(weights).with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConceptLensError(f"weights sidecar {side} is not valid JSON: {exc}") from None
+
+
+def _load_into(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise ConceptLensError(f"weights file {path} does not fit the model: {detail}") from None
+
+
+def _split_spec(spec):
+    kind, sep, rest = str(spec).partition(":")
+    if not sep or kind not in _KINDS or not rest:
+        raise ConceptLensError(
+            f"model spec {spec!r} is not understood; expected demo:WEIGHTS.pt, torchvision:ARCH[:WEIGHTS.pt], "
+            "python:MODULE:FACTORY[:WEIGHTS.pt] or export:PROGRAM.pt2"
+        )
+    return kind, rest
+
+
+def _demo(rest):
+    from .demo_model import DEMO_ARCHITECTURE, DemoCNN
+
+    side = _read_sidecar(rest)
+    if side.get("architecture") != DEMO_ARCHITECTURE:
+        raise ConceptLensError(
+            f"demo model {rest} needs its sidecar {Path(rest).with_suffix('.json')} "
+            "(written by `conceptlens train-demo`)"
+        )
+    module = DemoCNN(len(side["classes"]), widths=side.get("widths", (16, 32, 64, 64)))
+    _load_into(module, load_state_dict(rest), rest)
+    return module, rest, side
+
+
+def _last_linear(module):
+    name = None
+    for n, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
+
+
+def _torchvision(rest, num_classes, seed):
+    import torchvision
+
+    arch, _, weights = rest.partition(":")
+    available = torchvision.models.list_models()
+    if arch not in available:
+        hint = closest_names(arch, available)
+        raise ConceptLensError(
+            f"torchvision has no architecture {arch!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+        )
+    state = load_state_dict(weights) if weights else None
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    elif state is not None:
+        # Infer the head size from the weights so fine-tuned checkpoints load without extra flags.
+        probe = torchvision.models.get_model(arch, weights=None)
+        head = _last_linear(probe)
+        if head is not None and f"{head}.weight" in state:
+            kwargs["num_classes"] = int(state[f"{head}.weight"].shape[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = torchvision.models.get_model(arch, weights=None, **kwargs)
+    if state is None:
+        warnings.warn(
+            f"torchvision:{arch} has no weights file: using random initialisation (seed {seed})", stacklevel=3
+        )
+    else:
+        _load_into(module, state, weights)
+    return module, weights or None, _read_sidecar(weights)
+
+
+def _python(rest):
+    parts = rest.split(":")
+    if len(parts) not in (2, 3):
+        raise ConceptLensError(f"python model spec needs python:MODULE:FACTORY[:WEIGHTS.pt]; got python:{rest}")
+    mod_name, factory_name = parts[0], parts[1]
+    weights = parts[2] if len(parts) == 3 else None
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise ConceptLensError(f"model code file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"conceptlens_user_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ConceptLensError(f"cannot import model module {mod_name!r}: {exc}") from None
+    factory = getattr(mod, factory_name, None)
+    if not callable(factory):
+        raise ConceptLensError(f"module {mod_name!r} has no callable {factory_name!r}")
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ConceptLensError(f"{mod_name}:{factory_name}() returned {type(module).__name__}, not a torch nn.Module")
+    if weights:
+        _load_into(module, load_state_dict(weights), weights)
+    return module, weights, _read_sidecar(weights)
+
+
+def _export(rest):
+    path = Path(rest)
+    if not path.is_file():
+        raise ConceptLensError(f"exported program {path} does not exist")
+    if _is_torchscript(path):
+        raise ConceptLensError(
+            f"{path} is a TorchScript archive, not a torch.export program; TorchScript modules refuse forward "
+            "hooks - export the model with torch.export.export(...) and torch.export.save(...)"
+        )
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
+        raise ConceptLensError(f"{path} cannot be loaded with torch.export.load: {exc}") from None
+    module = torch.export.unflatten(program)
+    return module, None, _read_sidecar(path)
+
+
+def load_model(spec, device="auto", num_classes=None, seed=0):
+    """Load a model spec (see module docstring) in ``eval()`` mode on ``device``.
+
+    Parameters
+    ----------
+    spec : str
+        Model spec.
+    device : str
+        ``auto``, ``cpu`` or ``cuda[:N]``.
+    num_classes : int, optional
+        Head size for torchvision architectures (default: inferred from the weights, else 1000).
+    seed : int
+        Seed of the random initialisation when no weights file is given.
+    """
+    if isinstance(spec, LoadedModel):
+        return spec
+    kind, rest = _split_spec(spec)
+    if kind == "demo":
+        module, weights, side = _demo(rest)
+        default_prep = Preprocessing.from_dict(side["preprocessing"], source=f"sidecar of {rest}")
+    elif kind == "torchvision":
+        module, weights, side = _torchvision(rest, num_classes, seed)
+        default_prep = Preprocessing.imagenet()
+    elif kind == "python":
+        module, weights, side = _python(rest)
+        default_prep = Preprocessing.imagenet()
+    else:
+        module, weights, side = _export(rest)
+        default_prep = Preprocessing.imagenet()
+    if kind != "demo" and "preprocessing" in side:
+        default_prep = Preprocessing.from_dict(side["preprocessing"], source=f"sidecar of {weights or rest}")
+    device = resolve_device(device)
+    module.eval()
+    module.to(device)
+    classes = side.get("classes")
+    return LoadedModel(
+        module=module,
+        spec=str(spec),
+        weights_hash=_state_hash(module),
+        preprocessing=default_prep,
+        classes=list(classes) if classes else None,
+        device=device,
+    )
+
+
+def _module_of(model):
+    return model.module if isinstance(model, LoadedModel) else model
+
+
+def layer_names(model):
+    """All hookable layer names (``named_modules`` without the root)."""
+    return [n for n, _ in _module_of(model).named_modules() if n]
+
+
+def validate_layers(model, layers):
+    """Return ``layers`` as a list, or raise naming the closest valid names for each unknown one."""
+    if isinstance(layers, str):
+        layers = [s for s in layers.split(",") if s]
+    layers = list(layers or [])
+    if not layers:
+        raise ConceptLensError("no layers given; list valid names with `conceptlens layers MODEL`")
+    valid = layer_names(model)
+    valid_set = set(valid)
+    for name in layers:
+        if name not in valid_set:
+            hint = closest_names(name, valid)
+            raise ConceptLensError(
+                f"layer {name!r} is not a module of the model"
+                + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
+                + " (list them with `conceptlens layers MODEL`)"
+            )
+    if len(set(layers)) != len(layers):
+        raise ConceptLensError(f"layers contain duplicates: {layers}")
+    return layers
+
+
+def list_layers(model, input_size=224, device=None):
+    """Table of layers (``name``, ``type``, ``output_shape``, ``calls``) for a ``3 x S x S`` input.
+
+    ``calls`` counts how often the module runs in one forward pass; layers called more than once
+    (e.g. a shared ReLU) cannot be captured unambiguously.
+    """
+    module = _module_of(model)
+    if device is None:
+        device = model.device if isinstance(model, LoadedModel) else next(module.parameters()).device
+    rows, handles = {}, []
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            entry = rows.setdefault(name, {"name": name, "type": type(mod).__name__, "output_shape": shape, "calls": 0})
+            entry["calls"] += 1
+
+        return fn
+
+    names = layer_names(module)
+    try:
+        for name, mod in module.named_modules():
+            if name:
+                handles.append(mod.register_forward_hook(hook(name)))
+        with torch.inference_mode():
+            module(torch.zeros(1, 3, input_size, input_size, device=device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConceptLensError(
+            f"the model's forward pass failed on a 1x3x{input_size}x{input_size} input ({first}); "
+            "pass the input size it expects (--input-size); torch.export programs need a dynamic batch dimension"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        rows.setdefault(name, {"name": name, "type": type(module.get_submodule(name)).__name__, "output_shape": "not run", "calls": 0})
+    frame = pd.DataFrame([rows[n] for n in names], columns=["name", "type", "output_shape", "calls"])
+    frame["output_shape"] = frame["output_shape"].map(lambda s: "x".join(map(str, s[1:])) if isinstance(s, tuple) else s)
+    return frame

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny concept world and the demo CNN trained on it, built once per session.
+
+Both are cached under ``.cache/test-fixtures`` keyed by a hash of their configuration and of the
+source files that produce them, so a re-run reuses them and a code change rebuilds them.
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "test-fixtures"
+
+WORLD_CONFIG = dict(n=600, size=32, seed=3, n_concept=40, n_random=240)
+TRAIN_CONFIG = dict(epochs=12, seed=0)
+
+
+def _source_hash(*parts):
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    for rel in ("conceptlens/world", "conceptlens/demo_model.py", "conceptlens/data.py", "conceptlens/dissection/broden.py"):
+        p = ROOT / rel
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cached(name, key, build):
+    """Build into a temp dir and rename, so an interrupted build is never mistaken for a cache hit."""
+    target = CACHE / f"{name}-{key}"
+    if not (target / ".done").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        tmp = CACHE / f"{name}-{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / ".done").write_text("ok")
+        tmp.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def world_dir():
+    from conceptlens.world import generate_world
+
+    key = _source_hash(WORLD_CONFIG)
+    return _cached("world", key, lambda d: generate_world(d / "world", **WORLD_CONFIG)) / "world"
+
+
+@pytest.fixture(scope="session")
+def demo_weights(world_dir):
+    from conceptlens.demo_model import train_demo
+
+    key = _source_hash(WORLD_CONFIG, TRAIN_CONFIG)
+    root = _cached("demo", key, lambda d: train_demo(world_dir, d / "demo.pt", progress=False, **TRAIN_CONFIG))
+    return root / "demo.pt"
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_weights):
+    from conceptlens.models import load_model
+
+    return load_model(f"demo:{demo_weights}", device="cpu")
+
+
+@pytest.fixture
+def image_manifest(tmp_path):
+    """A manifest of 20 random 40x48 RGB images with labels and an attribute column."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["image,label,split,site"]
+    for i in range(20):
+        arr = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "img" / f"{i:03d}.png")
+        lines.append(f"img/{i:03d}.png,{'ab'[i % 2]},{'train' if i < 14 else 'test'},s{i % 3}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    """Random-init resnet18 with 10 classes (seeded), on CPU."""
+    import warnings
+
+    from conceptlens.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_model("torchvision:resnet18", num_classes=10, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
