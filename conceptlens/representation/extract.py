@@ -27,7 +27,7 @@ from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from .store import ActivationStore, StoreWriter
 
-__all__ = ["extract", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
+__all__ = ["extract", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -310,21 +310,32 @@ def extract(
         return ActivationStore.open(out)
     start = writer.rows_completed
     batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, start=start)
+    write_batches(model, batches, layers, writer, pool, dtype, observers=observers, progress=progress)
+    if batches.skipped:
+        logger.warning("skipped %d unreadable images (listed in %s/meta.json)", len(batches.skipped), out)
+    return writer.finish(manifest.frame)
+
+
+def write_batches(model, batches, layers, writer, pool, dtype, observers=(), progress=True):
+    """Run ``batches`` (``(rows, images)`` in manifest order) through the model into ``writer``.
+
+    The extraction loop of :func:`extract`, usable with in-memory batches (benchmarks do). Skipped
+    images are taken from ``batches.skipped`` when the source records them.
+    """
+    skipped = getattr(batches, "skipped", [])
+    n_total = writer.n_manifest_rows
     reported = 0
-    bar = tqdm(total=len(manifest), initial=start, desc="extract", unit="img", disable=not progress)
+    bar = tqdm(total=n_total, initial=writer.rows_completed, desc="extract", unit="img", disable=not progress)
     for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=bool(observers)):
         for observer in observers:
             observer(rows, raw)
         if writer.meta is None:
             writer.create({n: tuple(t.shape[1:]) for n, t in pooled.items()}, dtype)
         arrays = {n: t.to("cpu", getattr(torch, dtype)).numpy() for n, t in pooled.items()}
-        writer.write(arrays, int(rows[-1]) + 1, batches.skipped[reported:])
-        reported = len(batches.skipped)
+        writer.write(arrays, int(rows[-1]) + 1, skipped[reported:])
+        reported = len(skipped)
         bar.update(int(rows[-1]) + 1 - bar.n)
     bar.close()
     if writer.meta is None:
-        raise ConceptLensError(f"no readable image in manifest {manifest.path}; nothing to extract")
-    writer.write({}, len(manifest), batches.skipped[reported:])
-    if batches.skipped:
-        logger.warning("skipped %d unreadable images (listed in %s/meta.json)", len(batches.skipped), out)
-    return writer.finish(manifest.frame)
+        raise ConceptLensError("no readable image in the data; nothing to extract")
+    writer.write({}, n_total, skipped[reported:])
