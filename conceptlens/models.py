@@ -306,6 +306,7 @@ def load_model(spec, device="auto", num_classes=None, seed=0):
     if isinstance(spec, LoadedModel):
         return spec
     kind, rest = _split_spec(spec)
+    device = resolve_device(device)
     if kind == "demo":
         module, weights, side = _demo(rest)
         default_prep = Preprocessing.from_dict(side["preprocessing"], source=f"sidecar of {rest}")
@@ -320,7 +321,6 @@ def load_model(spec, device="auto", num_classes=None, seed=0):
         default_prep = Preprocessing.imagenet()
     if kind != "demo" and "preprocessing" in side:
         default_prep = Preprocessing.from_dict(side["preprocessing"], source=f"sidecar of {weights or rest}")
-    device = resolve_device(device)
     module.eval()
     module.to(device)
     classes = side.get("classes")
