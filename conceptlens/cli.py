@@ -139,7 +139,7 @@ def _cmd_demo(args):
     from .world import generate_world
 
     out = Path(args.out)
-    n, epochs = (400, 8) if args.quick else (1200, 12)
+    n, epochs = (1200, 12) if args.quick else (2000, 15)
     t0 = time.perf_counter()
     world = generate_world(out / "world", n=n, size=64, seed=args.seed)
     print(f"[{time.perf_counter() - t0:5.1f} s] concept world: {n} images in {world.root}")
@@ -161,11 +161,16 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"conceptlens {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log automatic choices (INFO)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The global flags are accepted after the command too (`conceptlens demo -q`); SUPPRESS keeps a
+    # subcommand from resetting a flag given before it.
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log automatic choices (INFO)")
+    flags.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    sub = _Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"), flags)
 
     p = sub.add_parser("world", help="generate a procedural concept world (images, manifest, Broden set, concepts)")
     p.add_argument("--preset", default="shapes", choices=["shapes"])
-    p.add_argument("--n", type=int, default=800, help="classification images (default 800)")
+    p.add_argument("--n", type=int, default=1200, help="classification images (default 1200)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag-bias", type=float, default=0.9, help="tag/class association in training, 0 (none) to 1 (default 0.9)")
@@ -205,6 +210,16 @@ def build_parser():
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+class _Subcommands:
+    """``add_subparsers()`` whose parsers all inherit the global flags."""
+
+    def __init__(self, action, flags):
+        self.action, self.flags = action, flags
+
+    def add_parser(self, name, **kw):
+        return self.action.add_parser(name, parents=[self.flags], **kw)
 
 
 class _OneLine(logging.Formatter):

@@ -56,6 +56,13 @@ def _channel_stats(images):
     return images.mean(dim=(0, 2, 3)).tolist(), images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
+def _shift(x, gen):
+    pad = max(1, x.shape[-1] // 16)
+    xp = torch.nn.functional.pad(x, (pad,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return xp[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+
+
 def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, progress=True):
     """Train :class:`DemoCNN` on a concept world's ``train`` split and evaluate on ``test``.
 
@@ -115,7 +122,7 @@ def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, progress=T
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
             opt.zero_grad()
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
+            loss = loss_fn(model(_shift(x_train[idx], gen)), y_train[idx])
             loss.backward()
             opt.step()
             sched.step()

@@ -17,7 +17,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "test-fixtures"
 
-WORLD_CONFIG = dict(n=600, size=32, seed=3, n_concept=40, n_random=240)
+# Tag-biased (the default tag_bias 0.9), hidden sub-class, no label noise: the demo model trained on
+# it reaches about 98 % test accuracy in ~15 s. Analyzers needing other planted effects make their own.
+WORLD_CONFIG = dict(n=1200, size=64, seed=3, n_concept=40, n_random=240)
 TRAIN_CONFIG = dict(epochs=12, seed=0)
 
 

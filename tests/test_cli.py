@@ -67,3 +67,14 @@ def test_layers_and_extract_commands(tmp_path, image_manifest):
     store = ActivationStore.open(tmp_path / "s")
     assert store.load("layer4").shape == (20, 512) and np.isfinite(store.load("layer3")).all()
     assert store.meta["request"]["preprocessing"]["crop"] == 32
+
+
+def test_world_train_demo_and_demo_commands(tmp_path):
+    proc = run_cli("-q", "world", "--n", "48", "--size", "16", "--seed", "2", "--out", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "w" / "manifest.csv").is_file() and (tmp_path / "w" / "broden" / "index.csv").is_file()
+    proc = run_cli("-q", "train-demo", "--world", str(tmp_path / "w"), "--epochs", "1", "--out", str(tmp_path / "m" / "demo.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout and (tmp_path / "m" / "demo.json").is_file()
+    proc = run_cli("layers", f"demo:{tmp_path / 'm' / 'demo.pt'}", "--input-size", "16")
+    assert proc.returncode == 0 and "conv4" in proc.stdout, proc.stderr
