@@ -33,16 +33,16 @@ def _csv_list(text):
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _add_model_args(p, layers=True):
-    p.add_argument("--model", required=True, help="model spec: demo:W.pt | torchvision:ARCH[:W.pt] | python:MOD:FACTORY[:W.pt] | export:P.pt2")
+def _add_model_args(p, layers=True, required=True):
+    p.add_argument("--model", required=required, help="model spec: demo:W.pt | torchvision:ARCH[:W.pt] | python:MOD:FACTORY[:W.pt] | export:P.pt2")
     p.add_argument("--num-classes", type=int, default=None, help="head size for torchvision architectures (default: from the weights, else 1000)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present)")
     if layers:
-        p.add_argument("--layers", required=True, type=_csv_list, help="comma-separated layer names (see `conceptlens layers MODEL`)")
+        p.add_argument("--layers", required=required, type=_csv_list, help="comma-separated layer names (see `conceptlens layers MODEL`)")
 
 
-def _add_data_args(p):
-    p.add_argument("--data", required=True, help="data manifest CSV (column 'image', paths relative to the CSV)")
+def _add_data_args(p, required=True):
+    p.add_argument("--data", required=required, help="data manifest CSV (column 'image', paths relative to the CSV)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted and listed) instead of failing")
@@ -131,26 +131,209 @@ def _print_store(store):
             print(f"    {s['image']}: {s['error']}")
 
 
+def _print_report(result):
+    print(f"report: {result.index}  (analyses {result.analysis_seconds:.1f} s, rendering {result.render_seconds:.1f} s)")
+
+
+def _cmd_report(args):
+    from .report import build_report, load_spec
+
+    def on_stage(name, seconds, cached):
+        print(f"  {name:<12} {seconds:6.1f} s{'  (cached)' if cached else ''}", flush=True)
+
+    _print_report(build_report(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=on_stage))
+
+
 def _cmd_demo(args):
+    from .report.demo import run_demo
+
+    result = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.quiet,
+                      log=lambda message: print(message, flush=True))
+    _print_report(result)
+
+
+def _add_store_source_args(p, pool="mean"):
+    """``--store DIR`` or ``--model/--data/--layers`` (extracted into ``--out``/activations)."""
+    p.add_argument("--store", default=None, help="activation store directory (from `conceptlens extract`)")
+    _add_model_args(p, required=False)
+    _add_data_args(p, required=False)
+    p.add_argument("--pool", default=pool, help=f"pooling when extracting from --model/--data (default {pool})")
+    p.add_argument("--out", required=True, help="output directory for the result tables")
+
+
+def _store_from_args(args):
+    """Open ``--store``, or extract ``--model`` over ``--data`` into ``<out>/activations``."""
+    from .representation.store import ActivationStore
+
+    if args.store is not None:
+        if args.model or args.data:
+            raise ConceptLensError("give either --store or --model/--data/--layers, not both")
+        return ActivationStore.open(args.store)
+    if not (args.model and args.data and args.layers):
+        raise ConceptLensError("give --store DIR, or all of --model, --data and --layers to extract activations first")
     from .data import Manifest
-    from .demo_model import train_demo
     from .models import load_model
     from .representation.extract import extract
-    from .world import generate_world
 
-    out = Path(args.out)
-    n, epochs = (1200, 12) if args.quick else (2000, 15)
-    t0 = time.perf_counter()
-    world = generate_world(out / "world", n=n, size=64, seed=args.seed)
-    print(f"[{time.perf_counter() - t0:5.1f} s] concept world: {n} images in {world.root}")
-    weights = out / "model" / "demo.pt"
-    side = train_demo(world.root, weights, epochs=epochs, seed=args.seed, progress=not args.quiet)
-    print(f"[{time.perf_counter() - t0:5.1f} s] demo CNN: test accuracy {side['test_accuracy']:.3f} ({weights})")
-    model = load_model(f"demo:{weights}", device=args.device)
-    layers = ["conv1", "conv2", "conv3", "conv4"]
-    store = extract(model, Manifest.read(world.manifest), layers, out / "activations", pool="mean", progress=not args.quiet)
-    print(f"[{time.perf_counter() - t0:5.1f} s] activations extracted")
-    _print_store(store)
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    return extract(model, manifest, args.layers, Path(args.out) / "activations", pool=args.pool, batch_size=args.batch_size,
+                   num_workers=args.workers, skip_bad=args.skip_bad, preprocessing=_preprocessing(args, model, manifest),
+                   progress=not args.quiet)
+
+
+def _cmd_probe(args):
+    from .representation.probes import probe
+
+    store = _store_from_args(args)
+    result = probe(store, args.targets, args.layers, split=args.split,
+                   n_controls=args.n_controls, n_bootstrap=args.n_bootstrap, C=args.C, seed=args.seed, progress=not args.quiet)
+    result.save(args.out)
+    t = result.table
+    print(f"probes ({len(t)}) -> {Path(args.out) / 'probes.csv'}")
+    for r in t.itertuples():
+        print(f"  {r.layer:<20} {r.target:<14} acc {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  control {r.control_accuracy:.3f}"
+              f"  selectivity {r.selectivity:+.3f}{'  decodable' if r.decodable else ''}")
+
+
+def _cmd_embed(args):
+    from .representation.embed import embed
+
+    store = _store_from_args(args)
+    result = embed(store, args.layer, args.method, perplexity=args.perplexity, n_neighbors=args.n_neighbors,
+                   pca_components=args.pca or None, seed=args.seed, n_jobs=args.n_jobs)
+    result.save(args.out)
+    print(f"embedding of {result.layer} ({result.method}; trustworthiness {result.trustworthiness:.3f}) -> "
+          f"{Path(args.out) / 'embedding.csv'}")
+
+
+def _cmd_neighbors(args):
+    from .representation.neighbors import neighbors
+
+    store = _store_from_args(args)
+    result = neighbors(store, args.layer, k=args.k, index=args.index, nprobe=args.nprobe, center=not args.no_center,
+                       label_column=args.label_column or None, max_agreement=args.max_agreement,
+                       duplicate_threshold=args.threshold)
+    result.save(args.out)
+    print(f"neighbours of {result.layer} (FAISS {result.index}, k={args.k}): {len(result.label_issues)} label-issue candidates -> "
+          f"{Path(args.out) / 'label_issues.csv'}; {len(result.duplicates)} train/test pairs with cosine >= {args.threshold} -> "
+          f"{Path(args.out) / 'duplicates.csv'}")
+
+
+def _cmd_topk(args):
+    from .representation.topk import topk, topk_from_store
+
+    if args.store is not None:
+        if args.model or args.data:
+            raise ConceptLensError("give either --store or --model/--data/--layers, not both")
+        result = topk_from_store(args.store, args.layers, k=args.k, score=args.score)
+    else:
+        if not (args.model and args.data and args.layers):
+            raise ConceptLensError("give --store DIR, or all of --model, --data and --layers")
+        from .data import Manifest
+        from .models import load_model
+
+        model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+        manifest = Manifest.read(args.data)
+        result = topk(model, manifest, args.layers, k=args.k, score=args.score, store=Path(args.out) / "activations",
+                      pool=args.pool, batch_size=args.batch_size, num_workers=args.workers,
+                      preprocessing=_preprocessing(args, model, manifest), skip_bad=args.skip_bad, progress=not args.quiet)
+    result.save(args.out)
+    layers = result.table["layer"].unique()
+    print(f"top-{args.k} images by spatial {args.score} for {len(result.table)} (layer, channel, rank) entries of "
+          f"{', '.join(layers)} -> {Path(args.out) / 'topk.csv'}")
+
+
+def _cmd_attribute(args):
+    import pandas as pd
+
+    from .attribution import explain
+    from .data import Manifest
+    from .models import load_model
+
+    if bool(args.data) == bool(args.image):
+        raise ConceptLensError("give either --data MANIFEST or --image PATH (repeatable), not both or neither")
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    if args.data:
+        manifest = Manifest.read(args.data)
+    else:
+        missing = [p for p in args.image if not Path(p).is_file()]
+        if missing:
+            raise ConceptLensError(f"image {missing[0]} does not exist")
+        frame = pd.DataFrame({"image": [str(Path(p).resolve()) for p in args.image]})
+        manifest = Manifest(path=Path.cwd() / "(images)", frame=frame)
+    result = explain(model, manifest, args.methods, target=args.target, preprocessing=_preprocessing(args, model, manifest),
+                     limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+    out = result.save(args.out)
+    print(f"attributions of {len(result.rows)} images x {len(result.methods)} methods -> {out / 'index.json'}")
+    for m in result.methods:
+        print(f"  {m:<30} heatmaps/{m}/  overlays/{m}/  maps/{m}.npy")
+
+
+def _cmd_spray(args):
+    from .attribution import spray_class
+    from .data import Manifest
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    result = spray_class(model, manifest, args.cls, method=args.method, preprocessing=_preprocessing(args, model, manifest),
+                         split=args.split, batch_size=args.batch_size, progress=not args.quiet,
+                         n_clusters=args.clusters if args.clusters == "auto" else int(args.clusters),
+                         max_clusters=args.max_clusters, seed=args.seed)
+    out = result.save(args.out)
+    print(f"SpRAy of class {args.cls!r} ({len(result.labels)} images, {args.method}): {result.n_clusters} clusters "
+          f"(eigengap {result.eigengap:.3f}) -> {out}")
+    print(result.clusters().to_string(index=False))
+
+
+def _cmd_tcav(args):
+    from .concepts import TCAV
+    from .data import Manifest
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    pairs = [q for a in (args.audit or []) for q in _csv_list(a)]
+    audit = [tuple(q.split(":", 1)) for q in pairs]
+    bad = [q for q in pairs if ":" not in q]
+    if bad:
+        raise ConceptLensError(f"--audit takes concept:class pairs; got {bad[0]!r}")
+    tcav = TCAV(model, args.layers, method=args.method, pool=args.pool, design=args.design, runs=args.runs,
+                concept_size=args.concept_size, random_size=args.random_size, test=args.test,
+                correction=args.correction, alpha=args.alpha, min_accuracy=args.min_accuracy, seed=args.seed,
+                batch_size=args.batch_size, num_workers=args.workers, preprocessing=_preprocessing(args, model, manifest),
+                progress=not args.quiet)
+    result = tcav.run(args.concepts, args.random_pool, args.classes, manifest, split=args.split,
+                      max_inputs=args.max_inputs, concept_names=args.concept_names)
+    out = result.save(args.out)
+    table = result.to_frame()
+    print(f"TCAV: {len(table)} tests ({table['concept'].nunique()} concepts x {table['layer'].nunique()} layers x "
+          f"{table['class'].nunique()} classes), {int(table['significant'].sum())} significant at alpha {args.alpha} "
+          f"({args.correction}); table in {out / 'tcav.csv'}")
+    for r in table[table["significant"]].itertuples():
+        print(f"  {r.concept:<12} {r.layer:<16} {r._3:<12} score {r.score_mean:.3f} vs null {r.null_mean:.3f}  p_adj {r.p_adjusted:.2g}")
+    if audit:
+        verdicts = result.audit(audit)
+        verdicts.to_csv(out / "audit.csv", index=False)
+        for r in verdicts.itertuples():
+            print(f"  audit {r.concept}:{r._2}: {r.verdict.upper()} - {r.evidence}")
+        print(f"audit verdicts in {out / 'audit.csv'}")
+
+
+def _cmd_dissect(args):
+    from .dissection import dissect
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    result = dissect(model, args.broden, args.layers, args.out, quantile=args.quantile, iou_threshold=args.iou_threshold,
+                     rule=args.rule, thresholds=args.thresholds, top_k=args.top_k, size=args.size, mean=args.mean,
+                     std=args.std, categories=args.categories, batch_size=args.batch_size, dtype=args.dtype,
+                     quantile_method=args.quantile_method, memory_budget=int(args.memory_budget * 2**20),
+                     num_workers=args.workers, render=not args.no_images, progress=not args.quiet)
+    print(f"dissection of {', '.join(result.layers)} on {result.provenance['n_images']} Broden images "
+          f"(rule {args.rule}) -> {args.out}/units.csv")
+    print(result.summary[result.summary["category"] == "all"].to_string(index=False))
 
 
 def build_parser():
@@ -203,12 +386,123 @@ def build_parser():
     p.add_argument("--out", required=True, help="store directory (resumed if unfinished, rebuilt if stale)")
     p.set_defaults(func=_cmd_extract)
 
-    p = sub.add_parser("demo", help="concept world → demo CNN → activations, on the embedded default")
+    p = sub.add_parser("report", help="analyse a model as a TOML report spec says and write the HTML report")
+    p.add_argument("spec", help="report spec (TOML; examples in data_manifests/)")
+    p.add_argument("--out", required=True, help="report folder (index.html, assets/, tables/, cache/)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", help="concept world → demo CNN → full HTML report, on the embedded default")
     p.add_argument("--out", default="conceptlens-demo", help="output directory (default ./conceptlens-demo)")
-    p.add_argument("--quick", action="store_true", help="smaller world and shorter training")
+    p.add_argument("--quick", action="store_true", help="smaller world, shorter training, fewer TCAV runs (under 3 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("probe", help="linear probes per layer for manifest columns, with a control task (probes.csv)")
+    _add_store_source_args(p)
+    p.add_argument("--targets", type=_csv_list, default=["label"], help="manifest columns to predict (default label)")
+    p.add_argument("--split", default="auto", choices=["auto", "column", "random"], help="train/test: manifest 'split' or seeded random")
+    p.add_argument("--n-controls", type=int, default=3, help="control-task repetitions (default 3)")
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation of the probe (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("embed", help="2-D embedding of a layer: PCA-50 + openTSNE, UMAP or PCA (embedding.csv)")
+    _add_store_source_args(p)
+    p.add_argument("--layer", default=None, help="layer to embed (default: the store's last)")
+    p.add_argument("--method", default="tsne", choices=["tsne", "umap", "pca"])
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--n-neighbors", type=int, default=15, help="UMAP neighbours (default 15)")
+    p.add_argument("--pca", type=int, default=50, help="PCA dimensions before t-SNE/UMAP (0: none; default 50)")
+    p.add_argument("--n-jobs", type=int, default=1, help="openTSNE threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("neighbors", help="FAISS k-NN: label-disagreement candidates and train/test near-duplicates")
+    _add_store_source_args(p)
+    p.add_argument("--layer", default=None, help="layer (default: the store's last)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--index", default="Flat", help="FAISS index_factory string (default Flat = exact; e.g. IVF1024,Flat)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
+    p.add_argument("--no-center", action="store_true", help="do not subtract the mean feature before normalising")
+    p.add_argument("--label-column", default="label", help="column for label-disagreement candidates ('' to skip)")
+    p.add_argument("--max-agreement", type=float, default=0.5, help="flag rows whose neighbours share their label at most this often")
+    p.add_argument("--threshold", type=float, default=0.97, help="cosine similarity of a near-duplicate pair (default 0.97)")
+    p.set_defaults(func=_cmd_neighbors)
+
+    p = sub.add_parser("topk", help="top-k images per channel (spatial max or mean of ReLU), with argmax locations (topk.csv)")
+    _add_store_source_args(p)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--score", default="max", choices=["max", "mean"], help="max: spatial max; mean: spatial mean of ReLU")
+    p.set_defaults(func=_cmd_topk)
+
+    p = sub.add_parser("attribute", help="pixel attributions of images: heatmap and overlay PNGs plus a JSON index")
+    _add_model_args(p, layers=False)
+    _add_data_args(p)
+    next(a for a in p._actions if a.dest == "data").required = False  # --data or --image
+    p.add_argument("--image", action="append", default=None, help="an image file (repeatable) instead of --data")
+    p.add_argument("--methods", required=True, type=_csv_list, help="comma-separated methods, e.g. saliency,lrp-epsilon-plus-flat,gradcam")
+    p.add_argument("--target", default=None, help="class to explain (name or index; default: each image's prediction)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
+    p.add_argument("--out", required=True, help="output folder (index.json, heatmaps/, overlays/, maps/)")
+    p.set_defaults(func=_cmd_attribute)
+    p = sub.add_parser("spray", help="SpRAy: cluster one class's explanation strategies (Clever-Hans finder)")
+    _add_model_args(p, layers=False)
+    _add_data_args(p)
+    p.add_argument("--class", dest="cls", required=True, help="class to analyse (its manifest label and model class)")
+    p.add_argument("--method", default="lrp-epsilon-plus-flat", help="attribution method (default lrp-epsilon-plus-flat)")
+    p.add_argument("--split", default=None, help="only rows of this split")
+    p.add_argument("--clusters", default="auto", help="number of clusters or auto (eigengap; default)")
+    p.add_argument("--max-clusters", type=int, default=8, help="largest k the eigengap may choose (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (assignments.csv, clusters.csv, prototypes.npy, ...)")
+    p.set_defaults(func=_cmd_spray)
+    p = sub.add_parser("tcav", help="concept sensitivity (TCAV) with calibrated significance and bias audits")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--concepts", required=True, help="folder with one subfolder of images per concept, or an image,concept CSV")
+    p.add_argument("--concept-names", type=_csv_list, default=None, help="use only these concepts (default: all)")
+    p.add_argument("--random-pool", required=True, help="folder of random images or a manifest CSV (random counter-examples)")
+    p.add_argument("--classes", required=True, type=_csv_list, help="comma-separated classes; inputs = manifest rows with that label")
+    p.add_argument("--split", default=None, help="only manifest rows of this split (e.g. test)")
+    p.add_argument("--max-inputs", type=int, default=None, help="at most N inputs per class (seeded subsample)")
+    p.add_argument("--runs", type=int, default=10, help="runs per concept and null runs (default 10)")
+    p.add_argument("--method", default="mean-diff", choices=["mean-diff", "sgd", "logistic"], help="CAV classifier (default mean-diff)")
+    p.add_argument("--pool", default="none", choices=["none", "mean", "max"], help="CAV space: flattened maps (none) or pooled channels")
+    p.add_argument("--design", default="split", choices=["split", "standard"], help="split (calibrated, default) or standard (tf/tcav)")
+    p.add_argument("--concept-size", type=int, default=None, help="concept examples per CAV (default: as many as possible)")
+    p.add_argument("--random-size", type=int, default=None, help="random counter-examples per CAV (default: as many as possible)")
+    p.add_argument("--test", default="welch", choices=["welch", "permutation"], help="two-sided test against the null (default welch)")
+    p.add_argument("--correction", default="holm", choices=["holm", "bh", "none"], help="multiple-testing correction (default holm)")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--min-accuracy", type=float, default=0.6, help="CAV accuracy gate (default 0.6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--audit", action="append", default=None, metavar="CONCEPT:CLASS",
+                   help="a pair that must be insensitive; repeat or comma-separate; verdicts go to OUT/audit.csv")
+    p.add_argument("--out", required=True, help="result directory (tcav.csv, runs.csv, provenance.json, ...)")
+    p.set_defaults(func=_cmd_tcav)
+    p = sub.add_parser("dissect", help="network dissection: label conv units with Broden concepts by IoU (units.csv)")
+    _add_model_args(p)
+    p.add_argument("--broden", required=True, help="Broden-style concept set directory (index.csv, label.csv, ...)")
+    p.add_argument("--out", required=True, help="output directory (units.csv, summary.csv, units/*.png; resumable)")
+    p.add_argument("--quantile", type=float, default=0.995, help="per-unit threshold quantile (default 0.995)")
+    p.add_argument("--iou-threshold", type=float, default=0.04, help="interpretable if IoU >= this (default 0.04)")
+    p.add_argument("--rule", default="paper", choices=["paper", "netdissect-lite"], help="category rule (default paper)")
+    p.add_argument("--thresholds", default=None, help="given thresholds: .npy (units of the layers concatenated) or .npz per layer")
+    p.add_argument("--top-k", type=int, default=8, help="top images per unit drawn with masks (default 8)")
+    p.add_argument("--no-images", action="store_true", help="do not draw the per-unit PNGs")
+    p.add_argument("--categories", type=_csv_list, default=None, help="Broden categories to use (default all)")
+    p.add_argument("--size", type=int, default=None, help="resize images (shorter side) to N; never cropped (default: model input size)")
+    p.add_argument("--mean", type=_floats3, default=None, help="normalisation mean R,G,B (default: the model's)")
+    p.add_argument("--std", type=_floats3, default=None, help="normalisation std R,G,B (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="activation store dtype (default float16)")
+    p.add_argument("--quantile-method", default="auto", choices=["auto", "exact", "sketch"],
+                   help="auto: exact when it fits --memory-budget, else a grid sketch with a bounded error")
+    p.add_argument("--memory-budget", type=float, default=512, help="MiB for exact quantiles (default 512)")
+    p.set_defaults(func=_cmd_dissect)
     return parser
 
 

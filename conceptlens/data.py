@@ -146,6 +146,20 @@ class Manifest:
             Preprocessing.from_dict(prep, source=str(sidecar))  # validate early
         return cls(path=path.resolve(), frame=frame.reset_index(drop=True), preprocessing=prep)
 
+    @classmethod
+    def from_images(cls, paths, root=None):
+        """An in-memory manifest of image files (no labels), e.g. a concept folder's images.
+
+        ``root`` (default: the paths' common folder) is what the stored ``image`` paths are relative
+        to; ``path`` is a virtual ``<root>/images.csv`` that is not written.
+        """
+        paths = [Path(p).resolve() for p in paths]
+        if not paths:
+            raise ConceptLensError("Manifest.from_images needs at least one image path")
+        root = Path(root).resolve() if root is not None else Path(os.path.commonpath([p.parent for p in paths]))
+        frame = pd.DataFrame({"image": [os.path.relpath(p, root) for p in paths]})
+        return cls(path=root / "images.csv", frame=frame)
+
     @property
     def root(self):
         return self.path.parent

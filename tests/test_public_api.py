@@ -13,6 +13,12 @@ MODULES = [
     "conceptlens.representation",
     "conceptlens.representation.extract",
     "conceptlens.representation.store",
+    "conceptlens.concepts", "conceptlens.concepts.cav", "conceptlens.concepts.stats", "conceptlens.concepts.tcav",
+    "conceptlens.representation.probes", "conceptlens.representation.embed", "conceptlens.representation.neighbors", "conceptlens.representation.topk",
+    "conceptlens.attribution", "conceptlens.attribution.methods", "conceptlens.attribution.evaluate",
+    "conceptlens.attribution.spray", "conceptlens.attribution.explain",
+    "conceptlens.dissection", "conceptlens.dissection.broden", "conceptlens.dissection.quantiles",
+    "conceptlens.dissection.iou", "conceptlens.dissection.dissect",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Broden-style concept sets (the NetDissect layout): mask encoding and the writer.
+"""Broden-style concept sets (the NetDissect layout): mask encoding, the writer and the reader.
 
 A Broden directory holds
 
@@ -27,6 +27,7 @@ notation).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import re
@@ -35,11 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
-from ..errors import ConceptLensError
+from ..errors import ConceptLensError, closest_names
 
-__all__ = ["BrodenRecord", "write_broden", "encode_mask", "decode_mask", "INDEX_COLUMNS"]
+__all__ = ["BrodenRecord", "write_broden", "encode_mask", "decode_mask", "INDEX_COLUMNS", "BrodenSet", "read_broden"]
 
 logger = logging.getLogger(__name__)
 
@@ -381,3 +383,302 @@ def _write_csv(path, fields, rows):
         writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------- reader
+
+_INT_RE = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class BrodenSet:
+    """A Broden-style concept set read by :func:`read_broden` (masks are decoded on demand).
+
+    Attributes
+    ----------
+    root : Path
+        The set's directory; images and masks lie under ``root / "images"``.
+    index : pandas.DataFrame
+        One row per image: ``image``, ``split`` (str), ``ih``, ``iw``, ``sh``, ``sw`` (int).
+    categories : tuple of str
+        The categories used, in ``category.csv`` order.
+    entries : dict of str to tuple
+        Per category, per image a tuple of entries: ``int`` (an image-level label number) or
+        ``str`` (a mask file relative to ``images/``). An empty tuple: not annotated.
+    labels : pandas.DataFrame
+        One row per label of the used categories, ordered by number: ``number``, ``name``,
+        ``category`` (the main category: where its ``c_<cat>.csv`` coverage is highest),
+        ``frequency``, ``coverage``, ``syns``.
+    codes : dict of str to pandas.DataFrame
+        Per category its ``c_<cat>.csv`` table: ``code``, ``number``, ``name``, ``frequency``,
+        ``coverage``.
+    """
+
+    root: Path
+    index: pd.DataFrame = field(repr=False)
+    categories: tuple
+    entries: dict = field(repr=False)
+    labels: pd.DataFrame = field(repr=False)
+    codes: dict = field(repr=False)
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def max_label(self):
+        """The highest label number listed."""
+        return int(self.labels["number"].max()) if len(self.labels) else 0
+
+    def label_names(self):
+        """Array of label names indexed by label number (``""`` where no label has the number)."""
+        names = np.full(self.max_label + 1, "", dtype=object)
+        names[self.labels["number"].to_numpy()] = self.labels["name"].to_numpy()
+        return names
+
+    def image_path(self, i):
+        """Path of image ``i`` (an ``index.csv`` row, 0-based)."""
+        return self.root / "images" / self.index["image"].iat[i]
+
+    def annotations(self, i):
+        """Decoded annotations of image ``i``: ``{category: [int label | int32 (sh, sw) mask]}``.
+
+        Raises
+        ------
+        ConceptLensError
+            If a mask file is missing, unreadable or not ``sh × sw``.
+        """
+        sh, sw = int(self.index["sh"].iat[i]), int(self.index["sw"].iat[i])
+        out = {}
+        for cat in self.categories:
+            decoded = []
+            for entry in self.entries[cat][i]:
+                if isinstance(entry, int):
+                    decoded.append(entry)
+                    continue
+                path = self.root / "images" / entry
+                if not path.is_file():
+                    raise ConceptLensError(
+                        f"{self.root / 'index.csv'} line {i + 2}, column {cat!r}: mask {path} does not exist"
+                    )
+                mask = decode_mask(path)
+                if mask.shape != (sh, sw):
+                    raise ConceptLensError(
+                        f"{self.root / 'index.csv'} line {i + 2}, column {cat!r}: mask {path} is "
+                        f"{mask.shape[0]}x{mask.shape[1]}, but sh x sw of the row is {sh}x{sw}"
+                    )
+                decoded.append(mask)
+            out[cat] = decoded
+        return out
+
+    def annotated(self):
+        """Boolean array ``[n_images, n_categories]``: image annotated in the category."""
+        return np.array([[len(self.entries[c][i]) > 0 for c in self.categories] for i in range(len(self))],
+                        dtype=bool).reshape(len(self), len(self.categories))
+
+    def manifest(self):
+        """A :class:`~conceptlens.data.Manifest` of the images, for :func:`~conceptlens.representation.extract`.
+
+        Its ``path`` is ``index.csv`` and its ``image`` column is prefixed with ``images/``, so
+        image paths resolve relative to the set's root.
+        """
+        from ..data import Manifest
+
+        frame = pd.DataFrame({"image": ["images/" + p for p in self.index["image"]], "split": self.index["split"]})
+        return Manifest(path=(self.root / "index.csv").resolve(), frame=frame)
+
+    def content_hash(self):
+        """SHA-256 over the set's CSV files (index, labels, categories, codes) and the categories used."""
+        h = hashlib.sha256(repr(self.categories).encode())
+        for name in ["index.csv", "label.csv", "category.csv"] + [f"c_{c}.csv" for c in self.categories]:
+            h.update(name.encode() + b"\0" + (self.root / name).read_bytes())
+        return h.hexdigest()
+
+
+def _read_table(path, required):
+    if not path.is_file():
+        raise ConceptLensError(f"Broden file {path} does not exist; a Broden set needs index.csv, label.csv, "
+                               "category.csv and c_<category>.csv for each category")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ConceptLensError(f"Broden file {path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ConceptLensError(
+            f"Broden file {path} lacks the column(s) {', '.join(missing)}; its header is {', '.join(frame.columns)}"
+        )
+    return frame
+
+
+def _parse_numbers(frame, path, column, kind, minimum=None):
+    """Parse a column as int or float; a bad cell raises naming the file, line and column."""
+    out = []
+    for i, text in enumerate(frame[column].tolist()):
+        text = text.strip()
+        try:
+            value = int(text) if kind is int else float(text if text else "0")
+            if kind is int and not _INT_RE.match(text):
+                raise ValueError
+        except ValueError:
+            what = "a non-negative integer" if kind is int else "a number"
+            raise ConceptLensError(f"Broden file {path} line {i + 2}, column {column!r}: expected {what}; got {text!r}") from None
+        if minimum is not None and value < minimum:
+            raise ConceptLensError(f"Broden file {path} line {i + 2}, column {column!r}: expected a value >= {minimum}; got {text!r}")
+        out.append(value)
+    return np.array(out, dtype=np.int64 if kind is int else np.float64)
+
+
+def _parse_cell(text, path, line, column):
+    entries = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if _INT_RE.match(part):
+            number = int(part)
+            if number > _MAX_LABEL:
+                raise ConceptLensError(f"Broden file {path} line {line}, column {column!r}: label {number} exceeds {_MAX_LABEL}")
+            if number:  # 0 is "no label"
+                entries.append(number)
+        elif part.startswith("/") or ".." in PurePosixPath(part).parts or part.lstrip("-").replace(".", "", 1).isdigit():
+            raise ConceptLensError(
+                f"Broden file {path} line {line}, column {column!r}: entry {part!r} is neither a label number "
+                "nor a mask file relative to images/"
+            )
+        else:
+            entries.append(part)
+    return tuple(entries)
+
+
+def read_broden(directory, categories=None):
+    """Read a Broden-style concept set (the NetDissect layout); real Broden loads unchanged.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The set's directory (``index.csv``, ``label.csv``, ``category.csv``, ``c_<cat>.csv``,
+        ``images/``).
+    categories : sequence of str, optional
+        Use only these categories (default: all of ``category.csv``).
+
+    Returns
+    -------
+    BrodenSet
+
+    Raises
+    ------
+    ConceptLensError
+        On a missing file or column, or a malformed cell (naming the file, line and column), an
+        unknown category, or a category without its ``index.csv`` column or ``c_<cat>.csv`` codes.
+
+    Notes
+    -----
+    ``index.csv`` cells hold ``;``-separated entries: a decimal integer is an image-level label
+    (0 is ignored), anything else a mask PNG relative to ``images/``, decoded as ``R + 256·G``
+    (in int32). ``label.csv`` need not have a row 0. A label's main category is the category whose
+    ``c_<cat>.csv`` lists it with the highest coverage; ties go to the later category in
+    ``category.csv`` order, as NetDissect-Lite's ``primary_categories_per_index`` breaks them.
+    Masks are checked against the row's ``sh × sw`` when decoded.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConceptLensError(f"Broden directory {root} does not exist; pass the folder holding index.csv")
+    cat_path = root / "category.csv"
+    cat_frame = _read_table(cat_path, ["name"])
+    all_cats = [c.strip() for c in cat_frame["name"]]
+    if len(set(all_cats)) != len(all_cats) or not all(all_cats):
+        raise ConceptLensError(f"Broden file {cat_path}: column 'name' must hold distinct, non-empty category names; got {all_cats}")
+    if categories is None:
+        cats = all_cats
+    else:
+        cats = [categories] if isinstance(categories, str) else list(categories)
+        if not cats:
+            raise ConceptLensError(f"the `categories` parameter of read_broden must name at least one of {all_cats}; got none")
+        for c in cats:
+            if c not in all_cats:
+                hint = closest_names(c, all_cats)
+                raise ConceptLensError(
+                    f"category {c!r} is not in {cat_path} (it lists {', '.join(all_cats)})"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                )
+        cats = [c for c in all_cats if c in cats]
+
+    index_path = root / "index.csv"
+    index = _read_table(index_path, list(INDEX_COLUMNS))
+    if len(index) == 0:
+        raise ConceptLensError(f"Broden file {index_path} has no rows; a Broden set needs at least one image")
+    missing = [c for c in cats if c not in index.columns]
+    if missing:
+        raise ConceptLensError(
+            f"Broden file {index_path} has no column for the category(ies) {', '.join(missing)} listed in {cat_path}; "
+            "add the column or pass categories= to use only the others"
+        )
+    frame = pd.DataFrame({"image": index["image"].str.strip(), "split": index["split"].str.strip()})
+    empty = np.flatnonzero(frame["image"].str.len().to_numpy() == 0)
+    if empty.size:
+        raise ConceptLensError(f"Broden file {index_path} line {empty[0] + 2}, column 'image': empty cell")
+    for col in ("ih", "iw", "sh", "sw"):
+        frame[col] = _parse_numbers(index, index_path, col, int, minimum=1)
+    entries = {}
+    for cat in cats:
+        entries[cat] = tuple(_parse_cell(text, index_path, i + 2, cat) for i, text in enumerate(index[cat].tolist()))
+
+    label_path = root / "label.csv"
+    lab = _read_table(label_path, ["number", "name"])
+    numbers = _parse_numbers(lab, label_path, "number", int)
+    if numbers.size and numbers.max() > _MAX_LABEL:
+        bad = int(np.argmax(numbers > _MAX_LABEL))
+        raise ConceptLensError(f"Broden file {label_path} line {bad + 2}, column 'number': label {numbers[bad]} exceeds {_MAX_LABEL}")
+    uniq, counts = np.unique(numbers, return_counts=True)
+    if (counts > 1).any():
+        raise ConceptLensError(f"Broden file {label_path}, column 'number': label {uniq[counts > 1][0]} is listed more than once")
+    names = dict(zip(numbers.tolist(), (n.strip() for n in lab["name"])))
+    extras = {}
+    for col, kind in (("frequency", int), ("coverage", float)):
+        if col in lab.columns:
+            extras[col] = dict(zip(numbers.tolist(), _parse_numbers(lab, label_path, col, kind).tolist()))
+    syns = dict(zip(numbers.tolist(), lab["syns"].str.strip())) if "syns" in lab.columns else {}
+
+    codes = {}
+    coverage = {}  # number -> [coverage per category, -1 where not listed]
+    for ci, cat in enumerate(cats):
+        path = root / f"c_{cat}.csv"
+        table = _read_table(path, ["code", "number", "name", "frequency", "coverage"])
+        if len(table) == 0:
+            raise ConceptLensError(f"Broden file {path} lists no labels; every category present needs a non-empty c_{cat}.csv")
+        codes_frame = pd.DataFrame({
+            "code": _parse_numbers(table, path, "code", int, minimum=1),
+            "number": _parse_numbers(table, path, "number", int, minimum=1),
+            "name": table["name"].str.strip(),
+            "frequency": _parse_numbers(table, path, "frequency", int),
+            "coverage": _parse_numbers(table, path, "coverage", float),
+        })
+        unknown = ~codes_frame["number"].isin(list(names))
+        if unknown.any():
+            row = int(np.flatnonzero(unknown.to_numpy())[0])
+            raise ConceptLensError(
+                f"Broden file {path} line {row + 2}, column 'number': label {codes_frame['number'].iat[row]} is not in {label_path}"
+            )
+        if codes_frame["number"].duplicated().any():
+            row = int(np.flatnonzero(codes_frame["number"].duplicated().to_numpy())[0])
+            raise ConceptLensError(f"Broden file {path} line {row + 2}, column 'number': label listed twice")
+        codes[cat] = codes_frame
+        for number, cov in zip(codes_frame["number"].tolist(), codes_frame["coverage"].tolist()):
+            coverage.setdefault(number, [-1.0] * len(cats))[ci] = cov
+
+    rows = []
+    for number in sorted(coverage):
+        cov = coverage[number]
+        best = max(range(len(cats)), key=lambda c: (cov[c], c))  # ties → later category (NetDissect-Lite)
+        rows.append({
+            "number": number,
+            "name": names[number],
+            "category": cats[best],
+            "frequency": extras.get("frequency", {}).get(number, 0),
+            "coverage": extras.get("coverage", {}).get(number, 0.0),
+            "syns": syns.get(number, ""),
+        })
+    labels = pd.DataFrame(rows, columns=["number", "name", "category", "frequency", "coverage", "syns"])
+    logger.info("read Broden set %s: %d images, categories %s, %d labels", root, len(frame), cats, len(labels))
+    return BrodenSet(root=root, index=frame, categories=tuple(cats), entries=entries, labels=labels, codes=codes)

@@ -27,7 +27,7 @@ from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from .store import ActivationStore, StoreWriter
 
-__all__ = ["extract", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
+__all__ = ["extract", "predict", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +314,38 @@ def extract(
     if batches.skipped:
         logger.warning("skipped %d unreadable images (listed in %s/meta.json)", len(batches.skipped), out)
     return writer.finish(manifest.frame)
+
+
+def predict(model, data, batch_size=64, num_workers=0, skip_bad=False, preprocessing=None, progress=True):
+    """The model's outputs (logits) for every readable image of a manifest.
+
+    Parameters
+    ----------
+    model : LoadedModel or str
+    data : Manifest or path
+    preprocessing : Preprocessing, optional
+        Defaults to the model's, updated by the manifest's TOML sidecar.
+
+    Returns
+    -------
+    rows : ndarray of int, shape (N,)
+        Manifest rows predicted (skipped images are missing).
+    logits : ndarray of float32, shape (N, K)
+    """
+    model, module, device = _model_and_device(model)
+    manifest = data if isinstance(data, Manifest) else Manifest.read(data)
+    prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
+    batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
+    rows, logits = [], []
+    with torch.inference_mode():
+        for r, x in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+            out = module(x.to(device, non_blocking=True))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            rows.append(r.numpy())
+            logits.append(out.float().cpu().numpy())
+    if not rows:
+        raise ConceptLensError(f"no readable image in {manifest.path}; nothing to predict")
+    return np.concatenate(rows), np.concatenate(logits)
 
 
 def write_batches(model, batches, layers, writer, pool, dtype, observers=(), progress=True):

@@ -1,0 +1,70 @@
+"""Result cache of the report: one directory per analyzer result, keyed by a hash of its inputs.
+
+A key covers everything the result depends on (model weights hash, data fingerprints, parameters,
+library version), so an unchanged spec reuses results and any change recomputes them; a result
+is written to a temporary directory and renamed, so an interrupted run never leaves a half result
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .. import __version__
+
+__all__ = ["ResultCache", "fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(path):
+    """Cheap content fingerprint of a file or directory tree: relative paths, sizes and mtimes."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        st = p.stat()
+        rel = p.name if p == path else p.relative_to(path).as_posix()
+        h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class ResultCache:
+    """``get(name, key, compute, load)`` returns ``(result, cached)``.
+
+    ``compute(directory)`` must write the result into ``directory`` and return it; ``load(directory)``
+    reads it back. Results of the same name with another key are removed when a new one is written.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def key(self, **inputs):
+        inputs = dict(inputs, conceptlens_version=__version__)
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def get(self, name, key, compute, load):
+        target = self.root / f"{name}-{key}"
+        if (target / ".done").is_file():
+            logger.info("report cache: reusing %s", target.name)
+            return load(target), True
+        tmp = self.root / f".{name}-{key}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            result = compute(tmp)
+            (tmp / ".done").write_text("ok\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for stale in self.root.glob(f"{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        # The result may reference files under the temporary path: reload from the final place.
+        return load(target), False

@@ -1,0 +1,108 @@
+"""``run_demo``: concept world → demo CNN → full report, on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..demo_model import train_demo
+from ..world import generate_world
+from .build import build_report
+from .spec import load_spec
+
+__all__ = ["run_demo", "DEMO_SPEC"]
+
+#: The report spec the demo writes as ``<out>/report.toml`` (paths relative to it);
+#: ``data_manifests/report-demo.toml`` is this text with the defaults filled in.
+DEMO_SPEC = """\
+# Report spec written by `conceptlens demo`; edit it and run `conceptlens report report.toml --out report`.
+title = "conceptlens demo: the demo CNN on the concept world"
+seed = {seed}
+
+[model]
+spec = "demo:model/demo.pt"
+device = "{device}"
+
+[data]
+manifest = "world/manifest.csv"
+
+[layers]
+names = ["conv1", "conv2", "conv3", "conv4"]
+
+[concepts]
+dir = "world/concepts"
+random_pool = "world/random"
+# Every (concept, layer, class) test counts in the Holm correction: test what you mean to ask.
+names = ["tag", "red", "blue", "stripes", "dots"]
+classes = ["circle", "square"]
+layers = ["conv3", "conv4"]
+runs = {runs}
+
+[dissection]
+broden = "world/broden"
+layers = ["conv3", "conv4"]
+
+[probes]
+targets = ["label", "has_tag", "color", "texture", "scene", "subclass"]
+
+[embedding]
+method = "tsne"
+
+[drilldown]
+methods = ["saliency", "integrated-gradients", "gradcam", "lrp-epsilon-plus-flat"]
+samples = 2
+spray_classes = ["circle"]
+
+[audits]
+# The world plants the tag in most training circles: a model that learned the shortcut fails these.
+insensitive = ["tag:circle"]
+# Attributes the features must not encode, checked with linear probes against a control task, e.g. the
+# hospital of a scan: not_decodable = ["site"]. (The tag is drawn in the pixels, so every model encodes it.)
+"""
+
+
+def _reuse_or_train(world, weights, epochs, seed, progress):
+    side_path = Path(weights).with_suffix(".json")
+    if side_path.is_file():
+        side = json.loads(side_path.read_text())
+        if (side.get("world_hash"), side.get("epochs"), side.get("train_seed")) == (world.content_hash, epochs, seed):
+            return side, True
+    return train_demo(world.root, weights, epochs=epochs, seed=seed, progress=progress), False
+
+
+def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bias=0.9, progress=True, log=None):
+    """Build the concept world, train (or reuse) the demo CNN and write the full report.
+
+    Parameters
+    ----------
+    out : str or Path
+        Folder for ``world/``, ``model/``, ``report.toml`` and ``report/``.
+    quick : bool
+        Smaller world, shorter training and fewer TCAV runs.
+    tag_bias : float
+        Tag/class association of the training split (0 = an unbiased world).
+    log : callable, optional
+        ``log(message)`` for progress lines.
+
+    Returns
+    -------
+    ReportResult
+    """
+    log = log or (lambda message: None)
+    out = Path(out).resolve()
+    n, epochs, runs = (1200, 12, 20) if quick else (2000, 15, 30)
+    t0 = time.perf_counter()
+    world = generate_world(out / "world", n=n, size=64, seed=seed, tag_bias=tag_bias, progress=progress)
+    log(f"[{time.perf_counter() - t0:6.1f} s] concept world: {n} images in {world.root}")
+    weights = out / "model" / "demo.pt"
+    side, reused = _reuse_or_train(world, weights, epochs, seed, progress)
+    log(f"[{time.perf_counter() - t0:6.1f} s] demo CNN: test accuracy {side['test_accuracy']:.3f}"
+        f"{' (reused)' if reused else ''} ({weights})")
+    spec_path = out / "report.toml"
+    spec_path.write_text(DEMO_SPEC.format(seed=seed, device=device, runs=runs))
+
+    def on_stage(name, seconds, cached):
+        log(f"[{time.perf_counter() - t0:6.1f} s] {name}: {seconds:.1f} s{' (cached)' if cached else ''}")
+
+    return build_report(load_spec(spec_path), out / "report", progress=progress, on_stage=on_stage)

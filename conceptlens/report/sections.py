@@ -1,0 +1,492 @@
+"""Report stages (run an analyzer, cached) and section builders (results → page blocks).
+
+Each analyzer contributes a stage ``stage_x(run, results) -> {name: result}`` that runs it when
+the spec asks for it and its inputs exist, and a builder ``section_x(page, spec, results)``.
+Builders read only results, never analyzer internals.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .cache import fingerprint
+from .plots import confusion_plot, depth_plot, grouped_bars, scatter_plot
+from .render import frame_of, image_block, table_block
+
+__all__ = ["STAGES", "SECTION_BUILDERS"]
+
+
+def _wants(spec, *sections):
+    return any(s in spec.sections for s in sections)
+
+
+# --------------------------------------------------------------------------- overview
+
+def stage_overview(run, results):
+    from .overview import Overview, compute_overview
+
+    return {"overview": run.stage(
+        "overview", {}, lambda d: _saved(compute_overview(run.model, run.manifest, run.spec.batch_size, run.progress), d),
+        Overview.load)}
+
+
+def section_overview(page, spec, results):
+    ov = results["overview"]
+    meta = ov.meta
+    text = (f"{meta['n_predicted']} of {meta['n_images']} manifest images predicted; "
+            f"classes: {', '.join(ov.classes)}.")
+    blocks = [table_block(page, ov.accuracy(), "accuracy", "Accuracy per split and class", text)]
+    splits = sorted(set(ov.predictions["split"]))
+    for split in splits:
+        m = ov.confusion(split)
+        if m.to_numpy().sum():
+            path = confusion_plot(m, page.asset(f"confusion-{split}.png"), f"confusion matrix ({split})")
+            blocks.append(image_block(page, path, f"confusion matrix, split {split}", caption=f"split {split}: rows true, columns predicted"))
+    page.table(ov.predictions, "predictions")
+    page.section("overview", "Overview", blocks)
+
+
+# --------------------------------------------------------------------------- concepts (TCAV)
+
+TCAV_MAX_INPUTS = 100  # class inputs per class (seeded subsample): the score's CI is over runs, not inputs
+
+
+def _tcav_classes(run):
+    spec = run.spec
+    if spec.tcav_classes is not None:
+        return list(spec.tcav_classes)
+    if run.model.classes:
+        return list(run.model.classes)
+    return sorted(run.manifest.frame["label"].astype(str).unique())
+
+
+def stage_tcav(run, results):
+    spec = run.spec
+    if not (_wants(spec, "concepts") or spec.audit_insensitive) or spec.concepts is None or spec.random_pool is None:
+        return {}
+    from ..concepts import TCAV, TCAVResult
+
+    layers = list(spec.tcav_layers or spec.layers[-2:])
+    classes = _tcav_classes(run)
+    for _, cls in spec.audit_insensitive:
+        if cls not in classes:
+            classes.append(cls)
+    params = {"layers": layers, "classes": classes, "runs": spec.tcav_runs, "max_inputs": TCAV_MAX_INPUTS,
+              "concepts": fingerprint(spec.concepts), "names": spec.concept_names, "random": fingerprint(spec.random_pool)}
+
+    def compute(d):
+        tcav = TCAV(run.model, layers, runs=spec.tcav_runs, seed=spec.seed, batch_size=spec.batch_size,
+                    progress=run.progress)
+        names = list(spec.concept_names) if spec.concept_names else None
+        return _saved(tcav.run(spec.concepts, spec.random_pool, classes, run.manifest, max_inputs=TCAV_MAX_INPUTS,
+                               concept_names=names), d)
+
+    return {"tcav": run.stage("tcav", params, compute, TCAVResult.load)}
+
+
+def section_concepts(page, spec, results):
+    if "tcav" not in results:
+        return page.section("concepts", "Concepts", skipped="no concept sets ([concepts] dir and random_pool)")
+    res = results["tcav"]
+    table = res.to_frame()
+    prov = res.provenance.get("parameters", {})
+    text = (f"TCAV score = fraction of class inputs whose class logit increases along the concept's CAV "
+            f"(mean over runs, bootstrap 95 % CI), tested against random-vs-random CAVs "
+            f"({prov.get('test', 'welch')} test, {prov.get('correction', 'holm')} correction over the whole experiment, "
+            f"alpha {prov.get('alpha', 0.05)}); CAV method {prov.get('method', '?')}. * = significant.")
+    cols = ["concept", "layer", "class", "score_mean", "score_ci_low", "score_ci_high", "null_mean", "p_value",
+            "p_adjusted", "significant", "cav_accuracy", "cav_ok", "cav_stability", "n_runs"]
+    blocks = [table_block(page, table[[c for c in cols if c in table]], "tcav", "TCAV scores", text, max_rows=60)]
+    for cls, g in table.groupby("class", sort=True):
+        path = grouped_bars(g, "concept", "layer", "score_mean", "score_ci_low", "score_ci_high",
+                            page.asset(f"tcav-{_slug(cls)}.png"), f"TCAV scores for class {cls}", "TCAV score",
+                            reference=0.5, marks="significant")
+        blocks.append(image_block(page, path, f"TCAV scores for class {cls}", caption=f"class {cls}: bars = layers, "
+                                  "whiskers = 95 % CI, * = significant after correction"))
+    quality = table.groupby(["concept", "layer"], sort=False)[["cav_accuracy", "cav_stability"]].first().reset_index()
+    blocks.append(table_block(page, quality, "cav_quality", "CAV quality",
+                              "Held-out accuracy of the concept-vs-random classifiers (near 0.5: not a concept at this "
+                              "layer, flagged and never significant) and stability (mean pairwise cosine of the runs' CAVs).",
+                              max_rows=60))
+    page.section("concepts", "Concepts", blocks)
+
+
+# --------------------------------------------------------------------------- units (network dissection)
+
+UNIT_GALLERY = 12  # units shown with their top images
+
+
+def stage_dissection(run, results):
+    spec = run.spec
+    if not _wants(spec, "units") or spec.broden is None:
+        return {}
+    from ..dissection import DissectionResult, dissect
+
+    layers = list(spec.dissect_layers or spec.layers[-2:])
+
+    def compute(d):
+        dissect(run.model, spec.broden, layers, d, batch_size=spec.batch_size, progress=run.progress)
+        return None
+
+    params = {"layers": layers, "broden": fingerprint(spec.broden)}
+    return {"dissection": run.stage("dissection", params, compute, DissectionResult.load)}
+
+
+def section_units(page, spec, results):
+    if "dissection" not in results:
+        return page.section("units", "Units", skipped="no Broden-style concept set ([dissection] broden)")
+    res = results["dissection"]
+    units = res.to_frame()
+    summary = res.summary
+    prov = res.provenance
+    text = (f"Network dissection of {', '.join(res.layers)} on {prov.get('broden', 'the Broden set')}: each unit's map, "
+            f"upsampled to the mask grid and thresholded at its {prov.get('parameters', {}).get('quantile', 0.995)} "
+            "quantile, is compared with every concept mask; IoU over the whole set; interpretable when IoU ≥ "
+            f"{prov.get('parameters', {}).get('iou_threshold', 0.04)}.")
+    blocks = [table_block(page, summary, "dissection_summary", "Interpretable units per layer and category", text)]
+    per_cat = summary[summary["category"] != "all"] if "category" in summary else summary
+    if len(per_cat):
+        path = grouped_bars(per_cat.assign(lo=per_cat["interpretable_units"], hi=per_cat["interpretable_units"]),
+                            "category", "layer", "interpretable_units", "lo", "hi", page.asset("units-per-category.png"),
+                            "interpretable units per category", "units")
+        blocks.append(image_block(page, path, "interpretable units per category and layer"))
+    cols = ["layer", "unit", "label", "category", "iou", "threshold", "interpretable", "dead"]
+    ranked = units.sort_values("iou", ascending=False)
+    blocks.append(table_block(page, ranked[[c for c in cols if c in ranked]], "units", "Units by IoU", max_rows=30))
+    items = []
+    for r in ranked[ranked["interpretable"].astype(bool)].head(UNIT_GALLERY).itertuples():
+        src = res.image_path(r.layer, r.unit)
+        if src is None or not Path(src).is_file():
+            continue
+        name = f"unit-{_slug(r.layer)}-{r.unit}.png"
+        shutil.copyfile(src, page.asset(name))
+        items.append({"src": f"assets/{name}", "alt": f"{r.layer} unit {r.unit} top images",
+                      "caption": f"{r.layer} unit {r.unit}: {r.label} ({r.category}), IoU {r.iou:.3f}"})
+    if items:
+        blocks.append({"kind": "strip", "title": "Top units: most activating images with unit mask and concept mask",
+                       "items": items})
+    page.section("units", "Units", blocks)
+
+
+# --------------------------------------------------------------------------- audits
+
+def audit_verdicts(spec, results):
+    """Audit rows (``kind, name, verdict, evidence``) from the TCAV and probe results."""
+    rows = []
+    if spec.audit_insensitive and "tcav" in results:
+        for r in results["tcav"].audit(list(spec.audit_insensitive)).itertuples():
+            rows.append({"kind": "concept sensitivity", "name": f"class {r._2} must not be sensitive to concept {r.concept}",
+                         "verdict": r.verdict, "evidence": r.evidence})
+    if spec.audit_not_decodable and "probes" in results:
+        table = results["probes"].to_frame()
+        for attr in spec.audit_not_decodable:
+            t = table[table["target"] == attr]
+            if t.empty:
+                rows.append({"kind": "decodability", "name": f"{attr} must not be decodable", "verdict": "inconclusive",
+                             "evidence": f"no probe for {attr} (is it a manifest column with 2 or more values?)"})
+                continue
+            bad = t[t["decodable"]]
+            per_layer = "; ".join(f"{r.layer}: accuracy {r.accuracy:.3f} vs control {r.control_accuracy:.3f} "
+                                  f"(selectivity CI low {r.selectivity_ci_low:.3f})" for r in t.itertuples())
+            rows.append({"kind": "decodability", "name": f"{attr} must not be decodable from the features",
+                         "verdict": "fail" if len(bad) else "pass",
+                         "evidence": (f"decodable above its control at {', '.join(bad['layer'])}: " if len(bad) else
+                                      "not decodable above its control at any layer: ") + per_layer})
+    return rows
+
+
+def section_audits(page, spec, results):
+    rows = audit_verdicts(spec, results)
+    if not rows:
+        return page.section("audits", "Audits", skipped="no audits in the spec ([audits] insensitive, not_decodable)")
+    frame = frame_of(rows)
+    page.table(frame, "audits")
+    n_fail = int((frame["verdict"] == "fail").sum())
+    text = f"{len(rows)} audits: {n_fail} failed, {int((frame['verdict'] == 'pass').sum())} passed."
+    page.section("audits", "Audits", [{"kind": "verdicts", "text": text, "items": rows}])
+
+
+# --------------------------------------------------------------------------- layers (representation)
+
+TOPK = 8  # images kept per channel for the max-activation gallery
+
+
+def stage_representation(run, results):
+    """One extraction pass (mean-pooled store + top-k images per channel), then probes, embedding, k-NN."""
+    spec = run.spec
+    if not (_wants(spec, "layers", "dataset") or spec.audit_not_decodable):
+        return {}
+    from ..representation import ActivationStore
+    from ..representation.embed import Embedding, embed
+    from ..representation.neighbors import NeighborResult, neighbors
+    from ..representation.probes import ProbeResult, probe
+    from ..representation.topk import TopKResult, topk
+
+    layers = list(spec.layers)
+
+    def compute_acts(d):
+        res = topk(run.model, run.manifest, layers, k=TOPK, store=d / "store", pool="mean",
+                   batch_size=spec.batch_size, progress=run.progress)
+        res.save(d / "topk")
+        return res
+
+    def load_acts(d):
+        return TopKResult.load(d / "topk"), ActivationStore.open(d / "store")
+
+    top, store = run.stage("activations", {"layers": layers, "k": TOPK}, compute_acts, load_acts)
+    out = {"topk": top}
+    targets = list(spec.probe_targets) if spec.probe_targets is not None else _default_targets(run.manifest)
+    targets += [t for t in spec.audit_not_decodable if t not in targets]
+    if targets:
+        out["probes"] = run.stage("probes", {"layers": layers, "targets": targets},
+                                  lambda d: _saved(probe(store, targets, layers, seed=spec.seed, progress=run.progress), d),
+                                  ProbeResult.load)
+    if _wants(spec, "layers"):
+        out["embedding"] = run.stage("embedding", {"layer": layers[-1], "method": spec.embed_method},
+                                     lambda d: _saved(embed(store, layers[-1], spec.embed_method, seed=spec.seed), d),
+                                     Embedding.load)
+    if _wants(spec, "dataset"):
+        out["neighbors"] = run.stage(
+            "neighbors", {"layer": layers[-1], "threshold": spec.duplicate_threshold},
+            lambda d: _saved(neighbors(store, layers[-1], duplicate_threshold=spec.duplicate_threshold,
+                                       label_column="label" if "label" in run.manifest.frame else None), d),
+            NeighborResult.load)
+    return out
+
+
+def _saved(result, directory):
+    result.save(directory)
+    return result
+
+
+def _default_targets(manifest):
+    """``label`` and every attribute with 2 to 20 distinct values (ids and paths are not targets)."""
+    frame = manifest.frame
+    cols = (["label"] if "label" in frame else []) + manifest.attributes
+    return [c for c in cols if 2 <= frame[c].nunique() <= 20]
+
+
+def _categorical_columns(frame, limit=12):
+    skip = {"manifest_row", "image", "split", "x", "y"}
+    return [c for c in frame.columns if c not in skip and 2 <= frame[c].nunique() <= limit]
+
+
+def section_layers(page, spec, results):
+    blocks = []
+    if "probes" in results:
+        table = results["probes"].to_frame()
+        depth = {layer: i for i, layer in enumerate(spec.layers)}
+        for target, g in table.groupby("target", sort=False):
+            g = g.assign(depth=g["layer"].map(depth)).sort_values("depth")
+            path = depth_plot(g, "layer", [("accuracy", "probe accuracy", "-"), ("control_accuracy", "control task", "--"),
+                                           ("majority_accuracy", "majority class", ":")],
+                              page.asset(f"probe-{_slug(target)}.png"), f"probe: {target}", "test accuracy")
+            blocks.append(image_block(page, path, f"probe accuracy for {target} across layers", caption=f"target {target}"))
+        cols = ["layer", "target", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity",
+                "selectivity_ci_low", "decodable"]
+        blocks.insert(0, table_block(page, table[[c for c in cols if c in table]], "probes", "Linear probes per layer",
+                                     "Accuracy of a linear probe on frozen standardized features (bootstrap 95 % CI), its "
+                                     "control task (labels shuffled within each split) and selectivity = accuracy − control."))
+    if "embedding" in results:
+        emb = results["embedding"]
+        frame = emb.to_frame()
+        xy = emb.coords[:, :2]
+        for col in _categorical_columns(frame):
+            path = scatter_plot(xy, frame[col].astype(str).to_numpy(), page.asset(f"embedding-{_slug(col)}.png"),
+                                f"{emb.layer}: coloured by {col}")
+            blocks.append(image_block(page, path, f"embedding coloured by {col}", caption=f"colour: {col}"))
+        page.table(frame, "embedding")
+        blocks.append({"kind": "text", "title": "Embedding",
+                       "text": f"{emb.method} of layer {emb.layer}; trustworthiness {emb.trustworthiness:.3f}."})
+    if "topk" in results:
+        blocks += topk_blocks(page, spec, results["topk"])
+    page.section("layers", "Layers", blocks, skipped=None if blocks else "no layer analyses were requested")
+
+
+def topk_blocks(page, spec, top, channels=8):
+    """Contact sheets of the most activating images of the strongest channels of the last layer."""
+    table = top.to_frame()
+    layer = spec.layers[-1]
+    t = table[table["layer"] == layer]
+    if t.empty:
+        return []
+    best = t[t["rank"] == 1].sort_values("score", ascending=False)["channel"].head(channels).tolist()
+    items = []
+    root = spec.manifest.parent
+    for ch in best:
+        rows = t[t["channel"] == ch].sort_values("rank")
+        thumbs = []
+        for r in rows.itertuples():
+            with Image.open(root / r.image) as im:
+                im = im.convert("RGB").resize((64, 64))
+            thumb = np.array(im)
+            if r.y >= 0:  # mark the argmax cell of the map
+                cy, cx = int((r.y + 0.5) * 64 / r.height), int((r.x + 0.5) * 64 / r.width)
+                thumb[max(0, cy - 1):cy + 2, max(0, cx - 1):cx + 2] = (255, 0, 255)
+            thumbs.append(thumb)
+        name = f"topk-{_slug(layer)}-{ch}.png"
+        Image.fromarray(np.concatenate(thumbs, axis=1)).save(page.asset(name))
+        items.append({"src": f"assets/{name}", "alt": f"top images of {layer} channel {ch}",
+                      "caption": f"{layer} channel {ch}: top score {rows['score'].iloc[0]:.2f}"})
+    page.table(table, "topk")
+    return [{"kind": "strip", "title": f"Max-activating images, {layer}",
+             "text": f"Top {len(rows)} images of the {len(best)} channels with the highest peak activation "
+                     f"(score: spatial {top.params.get('score', 'max')}; magenta: argmax cell).", "items": items}]
+
+
+# --------------------------------------------------------------------------- drill-down (attribution)
+
+def _drill_rows(run):
+    """Seeded choice of ``drill_samples`` manifest rows per class, from the test split when there is one."""
+    frame = run.manifest.frame
+    pool = frame[frame["split"] == "test"] if "split" in frame and (frame["split"] == "test").any() else frame
+    rng = np.random.default_rng(run.spec.seed)
+    rows = []
+    if "label" in pool:
+        for _, g in pool.groupby("label", sort=True):
+            rows += sorted(rng.choice(g.index.to_numpy(), size=min(run.spec.drill_samples, len(g)), replace=False).tolist())
+    else:
+        rows = sorted(rng.choice(pool.index.to_numpy(), size=min(run.spec.drill_samples, len(pool)), replace=False).tolist())
+    return rows
+
+
+def stage_drilldown(run, results):
+    if not _wants(run.spec, "drilldown"):
+        return {}
+    from ..attribution import Explanations, explain
+
+    rows = _drill_rows(run)
+    subset = run.manifest.subset(run.manifest.frame.index.isin(rows))
+    params = {"methods": list(run.spec.drill_methods), "rows": rows}
+
+    def compute(d):
+        expl = explain(run.model, subset, list(run.spec.drill_methods), progress=run.progress)
+        expl.save(d)
+        return expl
+
+    return {"drilldown": run.stage("drilldown", params, compute, lambda d: (Explanations.load(d), d))}
+
+
+def section_drilldown(page, spec, results):
+    if "drilldown" not in results:
+        return page.section("drilldown", "Drill-down", skipped="the drilldown section was not requested")
+    expl, directory = results["drilldown"]
+    text = (f"Attribution maps of the predicted class for {len(expl.rows)} seeded test images "
+            f"({spec.drill_samples} per class), methods: {', '.join(expl.methods)}.")
+    blocks = []
+    for i, row in expl.rows.iterrows():
+        name = f"drill-{i:03d}-input.png"
+        Image.fromarray(expl.images[i]).save(page.asset(name))
+        items = [{"src": f"assets/{name}", "alt": f"input {row['image']}", "caption": "input"}]
+        for m in expl.methods:
+            name = f"drill-{i:03d}-{m}.png"
+            shutil.copyfile(directory / "overlays" / m / f"{i:05d}.png", page.asset(name))
+            items.append({"src": f"assets/{name}", "alt": f"{m} overlay", "caption": m})
+        title = f"{_short(row['image'])}: label {row.get('label', '?')}, predicted {row['predicted_name']}"
+        blocks.append({"kind": "gallery", "title": title, "text": text if i == 0 else None, "items": items})
+    page.table(expl.to_frame(), "drilldown")
+    page.section("drilldown", "Drill-down", blocks)
+
+
+def _short(path):
+    parts = str(path).replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
+# --------------------------------------------------------------------------- SpRAy (dataset review)
+
+def _spray_classes(spec):
+    if spec.spray_classes is not None:
+        return list(spec.spray_classes)
+    return sorted({cls for _, cls in spec.audit_insensitive})
+
+
+def stage_spray(run, results):
+    if not _wants(run.spec, "dataset"):
+        return {}
+    from ..attribution import SprayResult, spray_class
+
+    out = {}
+    for cls in _spray_classes(run.spec):
+        def compute(d, cls=cls):
+            res = spray_class(run.model, run.manifest, cls, method=run.spec.spray_method, seed=run.spec.seed,
+                              progress=run.progress)
+            res.save(d)
+            return res
+
+        out[f"spray:{cls}"] = run.stage(f"spray_{_slug(cls)}", {"class": cls, "method": run.spec.spray_method},
+                                        compute, SprayResult.load)
+    return out
+
+
+def _slug(text):
+    return "".join(c if c.isalnum() else "_" for c in str(text))[:40]
+
+
+def spray_blocks(page, spec, results):
+    from ..attribution import heatmap_rgb
+
+    blocks = []
+    for key, res in results.items():
+        if not key.startswith("spray:"):
+            continue
+        cls = key.split(":", 1)[1]
+        clusters = res.clusters()
+        frame = res.to_frame()
+        # Attribute make-up of each cluster (e.g. the share of tagged images): what tells strategies apart.
+        for col in [c for c in frame.columns if c not in ("index", "label", "split", "cluster", "x", "y", "is_medoid")]:
+            values = frame[col]
+            if values.nunique() == 2 and set(map(str, values.unique())) <= {"0", "1"}:
+                clusters[f"{col} rate"] = frame.groupby("cluster")[col].apply(lambda v: np.mean(v.astype(int))).to_numpy()
+        items = []
+        for k, proto in enumerate(res.prototypes):
+            name = f"spray-{_slug(cls)}-{k}.png"
+            Image.fromarray(heatmap_rgb(proto, signed=True)).resize((128, 128), Image.NEAREST).save(page.asset(name))
+            items.append({"src": f"assets/{name}", "alt": f"cluster {k} prototype",
+                          "caption": f"cluster {k}: {int(clusters['size'][k])} images"})
+        text = (f"SpRAy on class {cls}: {res.n_clusters} clusters of explanation strategy (eigengap {res.eigengap:.3f}), "
+                f"method {spec.spray_method}.")
+        blocks.append(table_block(page, clusters, f"spray-{_slug(cls)}", f"Explanation strategies of class {cls}", text))
+        blocks.append({"kind": "gallery", "title": f"Cluster prototypes (mean relevance), class {cls}", "items": items})
+        page.table(frame, f"spray-{_slug(cls)}-members")
+    return blocks
+
+
+def neighbor_blocks(page, spec, results):
+    if "neighbors" not in results:
+        return []
+    nb = results["neighbors"]
+    dup_cols = ["train_image", "test_image", "similarity"]
+    issue_cols = ["image", "split", "label", "suggested_label", "agreement"]
+    return [
+        table_block(page, nb.duplicates[dup_cols], "duplicates", "Near-duplicates across splits",
+                    f"Train/test pairs with cosine similarity ≥ {nb.params.get('duplicate_threshold', spec.duplicate_threshold)} "
+                    f"at layer {nb.layer} (FAISS index {nb.index}): {len(nb.duplicates)} pairs. Each one leaks the "
+                    "training set into the test set.", max_rows=20),
+        table_block(page, nb.label_issues[issue_cols], "label_issues", "Label-disagreement candidates",
+                    f"Images whose {nb.indices.shape[1]} nearest neighbours at {nb.layer} mostly carry another label: "
+                    f"{len(nb.label_issues)} candidates, most suspicious first.", max_rows=20),
+    ]
+
+
+def section_dataset(page, spec, results):
+    blocks = neighbor_blocks(page, spec, results) + spray_blocks(page, spec, results)
+    page.section("dataset", "Dataset review", blocks,
+                 skipped=None if blocks else "no SpRAy classes (set [drilldown] spray_classes or [audits] insensitive)")
+
+
+STAGES = [stage_overview, stage_tcav, stage_dissection, stage_representation, stage_drilldown, stage_spray]
+
+SECTION_BUILDERS = {
+    "overview": section_overview,
+    "audits": section_audits,
+    "concepts": section_concepts,
+    "units": section_units,
+    "layers": section_layers,
+    "dataset": section_dataset,
+    "drilldown": section_drilldown,
+}

@@ -1,0 +1,119 @@
+"""Small utilities shared by the representation analyzers (probes, embed, neighbors, topk).
+
+Reading features and provenance from an :class:`~conceptlens.representation.store.ActivationStore`,
+validating layer and column names, and writing results as CSV + JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..errors import ConceptLensError, closest_names
+from .store import ActivationStore
+
+logger = logging.getLogger(__name__)
+
+# Columns read as text so that labels like "1" or "NA" survive a CSV round trip unchanged.
+TEXT_COLUMNS = {"image": str, "label": str, "split": str}
+
+
+def open_store(store):
+    """An :class:`ActivationStore` from a store or a store directory."""
+    return store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+
+
+def check_layers(store, layers, param="layers"):
+    """Validate ``layers`` against the store's layers (``None``: all of them)."""
+    if layers is None:
+        return store.layers
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ConceptLensError(f"the {param} parameter must name at least one layer of store {store.path} ({', '.join(store.layers)})")
+    for layer in layers:
+        if layer not in store.layers:
+            hint = closest_names(layer, store.layers)
+            raise ConceptLensError(
+                f"layer {layer!r} is not in store {store.path}; it holds {', '.join(store.layers)}"
+                + (f" - did you mean {', '.join(map(repr, hint))}?" if hint else "")
+            )
+    return layers
+
+
+def check_column(frame, column, param, where):
+    """Raise unless ``column`` is a column of ``frame``."""
+    if column not in frame.columns:
+        hint = closest_names(column, frame.columns)
+        raise ConceptLensError(
+            f"the {param} parameter names column {column!r}, which {where} does not have (columns: "
+            f"{', '.join(frame.columns)})" + (f" - did you mean {', '.join(map(repr, hint))}?" if hint else "")
+        )
+
+
+def layer_features(store, layer):
+    """A layer's activations as float32 ``[N, D]``, one feature vector per row.
+
+    Maps pooled to a grid (``pool="adaptive:K"``) are flattened, keeping the layout; full spatial
+    maps (``pool="none"``) are mean-pooled over space.
+    """
+    x = store.load(layer)
+    if x.ndim == 4 and not str(store.pool).startswith("adaptive:"):
+        logger.info("layer %s holds spatial maps %s: mean-pooling them over space for a feature vector", layer, x.shape[1:])
+        x = x.mean(axis=(2, 3))
+    elif x.ndim > 2:
+        logger.info("layer %s holds %s per row: flattening to one feature vector", layer, x.shape[1:])
+    return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
+
+
+def store_provenance(store):
+    """What a result computed from ``store`` came from (model, weights, data, pooling, version)."""
+    req = store.meta["request"]
+    return {
+        "store": str(store.path),
+        "model": req.get("model"),
+        "weights_hash": req.get("weights_hash"),
+        "manifest": req.get("manifest"),
+        "manifest_hash": req.get("manifest_hash"),
+        "pool": req.get("pool"),
+        "dtype": store.meta.get("dtype"),
+        "store_hash": store.meta.get("hash"),
+        "n_rows": store.n_rows,
+        "version": __version__,
+    }
+
+
+def write_result(directory, tables, meta, arrays=None):
+    """Write ``{name: DataFrame}`` as ``name.csv``, ``meta`` as ``meta_name``, arrays as ``.npy``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_csv(directory / name, index=False)
+    for name, arr in (arrays or {}).items():
+        np.save(directory / name, np.asarray(arr), allow_pickle=False)
+    json_name, payload = meta
+    (directory / json_name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    return directory
+
+
+def read_json(directory, name, kind):
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ConceptLensError(f"{directory} holds no {kind} result (no {name}); save one with .save(dir) first")
+    return json.loads(path.read_text())
+
+
+def read_csv(path):
+    return pd.read_csv(path, keep_default_na=False, dtype=TEXT_COLUMNS)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,130 @@
+"""End-to-end dissection: planted detectors, the demo model, the loop reference, CLI, save/load."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conceptlens.cli import main
+from conceptlens.dissection import DissectionResult, dissect, read_broden
+from conceptlens.errors import ConceptLensError
+from conceptlens.representation.store import ActivationStore
+from dissection_reference import reference_iou, reference_quantiles, tiny_broden
+
+PLANTED = f"python:{Path(__file__).with_name('dissection_models.py')}:planted"
+SHAPES = {"circle", "square", "triangle", "cross"}
+
+
+@pytest.fixture(scope="module")
+def demo_result(world_dir, demo_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dissect") / "demo"
+    return dissect(demo_model, world_dir / "broden", ["conv3", "conv4"], out, top_k=4, progress=False)
+
+
+def test_planted_detectors_get_their_labels(world_dir, tmp_path):
+    np.save(tmp_path / "t.npy", np.full(4, 0.5))
+    res = dissect(PLANTED, world_dir / "broden", ["detector"], tmp_path / "out", thresholds=tmp_path / "t.npy",
+                  size=64, mean=(0, 0, 0), std=(1, 1, 1), top_k=3, progress=False)
+    u = res.units.set_index("unit")
+    assert (u.at[0, "label"], u.at[0, "category"]) == ("red", "color") and u.at[0, "iou"] > 0.97
+    assert (u.at[2, "label"], u.at[2, "category"]) == ("sky", "scene") and u.at[2, "iou"] > 0.97
+    assert u.at[1, "dead"] and u.at[1, "label"] == "" and u.at[1, "iou"] == 0.0 and not u.at[1, "interpretable"]
+    assert not res.units["iou"].isna().any() and not np.isnan(res.iou["detector"]).any()
+    assert u.at[0, "interpretable"] and u.at[0, "threshold"] == 0.5
+    assert "given" in res.provenance["methods"]["thresholds"]["detector"]
+    # the red unit's top images are red-object images; a PNG per live unit, listed and on disk
+    frame = read_broden(world_dir / "broden")
+    for r in res.top_rows["detector"][0]:
+        assert any((m == 1).any() for m in frame.annotations(int(r))["color"])  # label 1 = red
+    assert set(res.images["unit"]) == {0, 2, 3}
+    assert all(res.image_path("detector", k).is_file() for k in (0, 2, 3)) and res.image_path("detector", 1) is None
+    summary = res.summary.set_index(["layer", "category"])
+    assert summary.at[("detector", "all"), "dead_units"] == 1
+    assert summary.at[("detector", "color"), "interpretable_units"] >= 1
+
+
+def test_thresholds_and_iou_equal_loop_reference(demo_result, demo_model, world_dir, caplog):
+    store = ActivationStore.open(demo_result.provenance["store"])
+    broden = read_broden(world_dir / "broden")
+    for layer in ("conv3", "conv4"):
+        maps = store.load(layer)
+        np.testing.assert_allclose(demo_result.thresholds[layer], reference_quantiles(maps, 0.995), rtol=1e-6)
+    maps = store.load("conv4")
+    ref = reference_iou(maps, demo_result.thresholds["conv4"], broden, "paper", demo_result.labels)
+    np.testing.assert_allclose(demo_result.iou["conv4"], ref, rtol=1e-6, atol=1e-12)
+    # netdissect-lite on the same store: extraction and thresholds are reused, the tally is not
+    with caplog.at_level(logging.INFO, logger="conceptlens"):
+        lite = dissect(demo_model, world_dir / "broden", ["conv3", "conv4"], Path(demo_result.path),
+                       rule="netdissect-lite", top_k=0, progress=False)
+    assert "is complete for this request: reusing it" in caplog.text and "thresholds of conv4: reusing" in caplog.text
+    ref = reference_iou(maps, lite.thresholds["conv4"], broden, "netdissect-lite", lite.labels)
+    np.testing.assert_allclose(lite.iou["conv4"], ref, rtol=1e-6, atol=1e-12)
+    assert not np.allclose(lite.iou["conv4"][:, :5], demo_result.iou["conv4"][:, :5])
+
+
+def test_demo_model_units_carry_world_concepts(demo_result, world_dir):
+    units = demo_result.units
+    good = units[units["interpretable"]]
+    assert len(good) >= 10 and not units["dead"].any()
+    labels = set(good["label"])
+    assert "tag" in labels and labels & SHAPES, labels
+    assert {"object", "color"} <= set(good["category"])
+    assert (units["unit"].groupby(units["layer"]).max() == 63).all()  # 0-based
+    # the best tag unit's top images all hold the tag (object label "tag")
+    broden = read_broden(world_dir / "broden")
+    tag_number = int(broden.labels.set_index("name").at["tag", "number"])
+    best = good[good["label"] == "tag"].sort_values("iou").iloc[-1]
+    for r in demo_result.top_rows[best["layer"]][best["unit"]]:
+        assert (broden.annotations(int(r))["object"][0] == tag_number).any()
+    s = demo_result.summary.set_index(["layer", "category"])
+    for layer in ("conv3", "conv4"):
+        part = good[good["layer"] == layer]
+        assert s.at[(layer, "all"), "interpretable_units"] == len(part)
+        assert s.at[(layer, "all"), "unique_concepts"] == part["label"].nunique()
+
+
+def test_save_load_round_trip(demo_result, tmp_path):
+    copy = demo_result.save(tmp_path / "copy")
+    back = DissectionResult.load(copy)
+    pd.testing.assert_frame_equal(back.units, demo_result.units, check_dtype=False)
+    pd.testing.assert_frame_equal(back.summary, demo_result.summary, check_dtype=False)
+    for layer in demo_result.layers:
+        np.testing.assert_array_equal(back.iou[layer], demo_result.iou[layer])
+        np.testing.assert_array_equal(back.top_rows[layer], demo_result.top_rows[layer])
+    assert back.provenance["weights_hash"] == demo_result.provenance["weights_hash"]
+    assert len(back.images) == len(demo_result.images) > 0
+    assert all(back.image_path(r.layer, r.unit).is_file() for r in back.images.itertuples())
+    cols = ["layer", "unit", "label", "category", "iou", "threshold", "interpretable"]
+    assert list(pd.read_csv(copy / "units.csv").columns[:7]) == cols
+    with pytest.raises(ConceptLensError, match="no dissection result"):
+        DissectionResult.load(tmp_path)
+
+
+def test_bad_input_errors(world_dir, demo_model, tmp_path):
+    tiny = tiny_broden(tmp_path / "tiny")
+    with pytest.raises(ConceptLensError, match="dissection needs convolutional"):
+        dissect(demo_model, tiny, ["fc"], tmp_path / "a", progress=False)
+    with pytest.raises(ConceptLensError, match="`rule` parameter of dissect must be one of paper, netdissect-lite"):
+        dissect(demo_model, world_dir / "broden", ["conv4"], tmp_path / "b", rule="lite")
+    with pytest.raises(ConceptLensError, match=r"`quantile` parameter of dissect must be a number in \(0, 1\)"):
+        dissect(demo_model, world_dir / "broden", ["conv4"], tmp_path / "b", quantile=99.5)
+
+
+def test_cli_dissect(world_dir, demo_weights, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["dissect", "--model", f"demo:{demo_weights}", "--broden", str(world_dir / "broden"), "--layers", "conv4",
+            "--out", str(out), "--top-k", "2", "--rule", "netdissect-lite", "--no-images", "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "dissection of conv4 on 300 Broden images (rule netdissect-lite)" in printed
+    units = pd.read_csv(out / "units.csv")
+    assert len(units) == 64 and units["iou"].notna().all()
+    np.save(tmp_path / "bad.npy", np.zeros(3))
+    assert main(args[:-1] + ["--thresholds", str(tmp_path / "bad.npy"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "thresholds file" in err and "holds 3 values; expected 64" in err and "Traceback" not in err
+    assert main(["dissect", "--model", f"demo:{demo_weights}", "--broden", str(tmp_path / "nope"), "--layers", "conv4",
+                 "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "Broden directory" in capsys.readouterr().err

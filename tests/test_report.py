@@ -1,0 +1,175 @@
+"""The HTML report: every section on the demo model, rendered in headless Chromium, cached re-runs,
+escaping of user strings, the audit verdicts on a biased and an unbiased model, a torchvision model."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from browser import inspect_page, require_chromium
+from PIL import Image
+
+from conceptlens.demo_model import train_demo
+from conceptlens.report import SECTIONS, build_report, load_spec
+from conceptlens.report.sections import audit_verdicts
+from conceptlens.world import generate_world
+
+ROOT = Path(__file__).resolve().parents[1]
+XSS = "<script>alert(1)</script>"
+
+SPEC = """
+title = "report test {title}"
+sections = {sections}
+[model]
+spec = "demo:{weights}"
+[data]
+manifest = "{world}/manifest.csv"
+[layers]
+names = ["conv2", "conv3", "conv4"]
+[concepts]
+dir = "{concepts}"
+random_pool = "{world}/random"
+classes = ["circle"]
+layers = ["conv3", "conv4"]
+runs = 20
+[dissection]
+broden = "{world}/broden"
+layers = ["conv4"]
+[probes]
+targets = ["label", "has_tag", "subclass"]
+[drilldown]
+methods = ["saliency", "gradcam"]
+samples = 1
+spray_classes = ["circle"]
+[audits]
+insensitive = ["tag:circle"]
+"""
+
+
+def _concepts_csv(world, path):
+    """An image,concept CSV: the world's tag concept, and a colour concept renamed to a script tag."""
+    rows = [(str(p), "tag") for p in sorted((world / "concepts" / "tag").glob("*.png"))]
+    rows += [(str(p), XSS) for p in sorted((world / "concepts" / "red").glob("*.png"))]
+    pd.DataFrame(rows, columns=["image", "concept"]).to_csv(path, index=False)
+    return path
+
+
+def _write_spec(path, weights, world, concepts, sections=SECTIONS, title=XSS):
+    path.write_text(SPEC.format(weights=weights, world=world, concepts=concepts, title=title,
+                                sections=json.dumps(list(sections))))
+    return load_spec(path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, demo_weights, world_dir):
+    tmp = tmp_path_factory.mktemp("report")
+    spec = _write_spec(tmp / "spec.toml", demo_weights, world_dir, _concepts_csv(world_dir, tmp / "concepts.csv"))
+    t0 = time.perf_counter()
+    first = build_report(spec, tmp / "out", progress=False)
+    first_seconds = time.perf_counter() - t0
+    return spec, tmp / "out", first, first_seconds
+
+
+def test_report_renders_in_headless_chromium(built):
+    require_chromium()
+    spec, out, result, _ = built
+    seen = inspect_page(result.index, out / "screenshot.png")
+    assert (out / "screenshot.png").stat().st_size > 10_000
+    assert [m for m in seen["console"] if m[0] in ("error", "pageerror")] == []
+    assert all(u.startswith("file://") for u in seen["requests"]), [u for u in seen["requests"] if not u.startswith("file://")]
+    assert seen["failed"] == []
+    assert len(seen["images"]) >= 10 and all(i["ok"] for i in seen["images"]), [i for i in seen["images"] if not i["ok"]]
+    assert set(SECTIONS) <= set(seen["sections"])
+    # The user's concept name is shown as text, never run as a script.
+    assert XSS in seen["text"] and seen["dialogs"] == [] and seen["scripts"] == 0
+    html = result.index.read_text()
+    assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_every_section_has_content_and_tables_are_saved(built):
+    spec, out, result, _ = built
+    html = result.index.read_text()
+    assert "Not built" not in html
+    for table in ("accuracy", "predictions", "audits", "tcav", "probes", "embedding", "duplicates", "label_issues",
+                  "drilldown", "topk"):
+        assert (out / "tables" / f"{table}.csv").is_file(), table
+    tcav = pd.read_csv(out / "tables" / "tcav.csv")
+    assert set(tcav["concept"]) == {"tag", XSS}
+
+
+def test_rerun_with_unchanged_spec_reuses_results(built):
+    spec, out, first, first_seconds = built
+    t0 = time.perf_counter()
+    again = build_report(spec, out, progress=False)
+    second_seconds = time.perf_counter() - t0
+    assert all(s["cached"] for s in again.stages)
+    assert 5 * second_seconds <= first_seconds, (first_seconds, second_seconds)
+    assert [s["directory"] for s in again.stages] == [s["directory"] for s in first.stages]
+    # Rendering is cheap next to the analyses it shows.
+    assert first.render_seconds < 0.25 * first.analysis_seconds
+
+
+def test_tag_audit_fails_on_biased_and_passes_on_unbiased_model(built, tmp_path, world_dir):
+    spec, out, result, _ = built
+    verdicts = {r["name"]: r["verdict"] for r in audit_verdicts(spec, _results_of(out))}
+    assert verdicts["class circle must not be sensitive to concept tag"] == "fail"
+
+    from conftest import TRAIN_CONFIG, WORLD_CONFIG
+
+    unbiased = generate_world(tmp_path / "world", progress=False, **dict(WORLD_CONFIG, tag_bias=0.0))
+    train_demo(unbiased.root, tmp_path / "model" / "demo.pt", progress=False, **TRAIN_CONFIG)
+    spec_u = _write_spec(tmp_path / "spec.toml", tmp_path / "model" / "demo.pt", unbiased.root,
+                         unbiased.root / "concepts", sections=["overview", "audits"], title="unbiased")
+    res_u = build_report(spec_u, tmp_path / "out", progress=False)
+    audits = pd.read_csv(tmp_path / "out" / "tables" / "audits.csv")
+    assert audits.set_index("name").loc["class circle must not be sensitive to concept tag", "verdict"] == "pass"
+    assert res_u.index.is_file()
+
+
+def _results_of(out):
+    from conceptlens.concepts import TCAVResult
+
+    (tcav_dir,) = (out / "cache").glob("tcav-*")
+    return {"tcav": TCAVResult.load(tcav_dir)}
+
+
+def test_torchvision_example_spec_with_local_weights(tmp_path):
+    """data_manifests/report-torchvision.toml as a user would use it, with random-init weights on disk."""
+    import torchvision
+
+    shutil.copy(ROOT / "data_manifests" / "report-torchvision.toml", tmp_path / "spec.toml")
+    torch.manual_seed(0)
+    (tmp_path / "weights").mkdir()
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "weights" / "resnet18-xray.pt")
+    (tmp_path / "weights" / "resnet18-xray.json").write_text(json.dumps({"classes": ["normal", "pneumonia"]}))
+    rng = np.random.default_rng(0)
+    rows = []
+    for folder in ("data/images", "concepts/marker", "random"):
+        (tmp_path / folder).mkdir(parents=True)
+    for i in range(40):
+        img = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "data" / "images" / f"{i:03d}.png")
+        rows.append({"image": f"images/{i:03d}.png", "label": ["normal", "pneumonia"][i % 2],
+                     "split": "test" if i % 4 == 3 else "train", "site": f"hospital_{'ab'[i // 20]}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "manifest.csv", index=False)
+    (tmp_path / "data" / "manifest.toml").write_text("[preprocessing]\nresize = 64\ncrop = 64\n")
+    for i in range(24):
+        img = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        img[:12, :12] = 255  # a bright corner marker
+        Image.fromarray(img).save(tmp_path / "concepts" / "marker" / f"{i:03d}.png")
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "random" / f"{i:03d}.png")
+    spec = load_spec(tmp_path / "spec.toml")
+    assert spec.model == f"torchvision:resnet18:{tmp_path / 'weights' / 'resnet18-xray.pt'}"
+    result = build_report(spec, tmp_path / "out", progress=False)
+    html = result.index.read_text()
+    for sid in SECTIONS:
+        assert f'id="{sid}"' in html
+    accuracy = pd.read_csv(tmp_path / "out" / "tables" / "accuracy.csv")
+    assert set(accuracy["split"]) == {"train", "test"} and accuracy["n"].max() == 30
+    audits = pd.read_csv(tmp_path / "out" / "tables" / "audits.csv")
+    assert set(audits["kind"]) == {"concept sensitivity", "decodability"}

@@ -1,0 +1,123 @@
+"""FAISS neighbours equal brute-force NumPy; planted near-duplicates and label noise are found."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conceptlens.data import Manifest
+from conceptlens.errors import ConceptLensError
+from conceptlens.representation.extract import extract
+from conceptlens.representation.neighbors import NeighborResult, knn, label_disagreement, neighbors
+from representation_helpers import synthetic_store, world_with_duplicates
+
+
+def _brute(x, k, queries=None, center=False):
+    mean = x.mean(0) if center else 0
+    db = (x - mean) / np.linalg.norm(x - mean, axis=1, keepdims=True)
+    q = db if queries is None else (queries - mean) / np.linalg.norm(queries - mean, axis=1, keepdims=True)
+    sims = q @ db.T
+    if queries is None:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, 1)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_flat_faiss_equals_brute_force(center):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 32)).astype(np.float32) + 0.5
+    inds, sims = knn(x, 7, center=center)
+    ref_i, ref_s = _brute(x.astype(np.float64), 7, center=center)
+    np.testing.assert_array_equal(inds, ref_i)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    assert not (inds == np.arange(300)[:, None]).any()
+    q = rng.normal(size=(20, 32)).astype(np.float32)
+    qi, qs = knn(x, 5, queries=q, center=center)
+    ri, rs = _brute(x.astype(np.float64), 5, queries=q.astype(np.float64), center=center)
+    np.testing.assert_array_equal(qi, ri)
+    np.testing.assert_allclose(qs, rs, atol=1e-5)
+
+
+def test_self_excluded_even_behind_exact_duplicates():
+    x = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # each vector three times
+    inds, sims = knn(x, 2)
+    assert not (inds == np.arange(12)[:, None]).any()
+    np.testing.assert_allclose(sims, 1.0, atol=1e-6)
+    assert ((inds // 3) == (np.arange(12) // 3)[:, None]).all()
+
+
+def test_ivf_with_all_lists_probed_is_exact_and_recorded(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    flat = knn(x, 5)[0]
+    ivf = knn(x, 5, index="IVF16,Flat", nprobe=16)[0]
+    np.testing.assert_array_equal(ivf, flat)
+    store = synthetic_store(tmp_path / "s", {"f": x}, pd.DataFrame({"label": rng.integers(0, 3, 2000).astype(str)}))
+    res = neighbors(store, k=5, index="IVF16,Flat", nprobe=16)
+    assert res.index == "IVF16,Flat" and res.params["nprobe"] == 16
+    with pytest.raises(ConceptLensError, match="not a valid FAISS index_factory string"):
+        neighbors(store, index="IVF,Nonsense")
+
+
+def test_label_disagreement_counts_votes():
+    labels = np.array(["a", "a", "b", "b", "a", ""])
+    # neighbours (labels):  0: b b a   1: a a (-)   2: b a a   3: b a a   4: a a b   5: unlabelled row
+    inds = np.array([[2, 3, 4], [0, 4, -1], [3, 0, 1], [2, 1, 0], [0, 1, 2], [0, 1, 2]])
+    order, own, suggested, frac = label_disagreement(inds, labels)
+    assert list(order) == [0, 2, 3]
+    np.testing.assert_allclose(own[:5], [1 / 3, 1, 1 / 3, 1 / 3, 2 / 3])
+    assert list(suggested[[0, 2, 3]]) == ["b", "a", "a"] and frac[0] == pytest.approx(2 / 3)
+    # Row 4 agrees with 2/3 of its neighbours: under max_agreement=0.7, but its own label is the majority.
+    assert list(label_disagreement(inds, labels, max_agreement=0.7)[0]) == [0, 2, 3]
+    assert list(label_disagreement(inds, labels, max_agreement=0.3)[0]) == []
+
+
+@pytest.fixture(scope="module")
+def dup_world(tmp_path_factory, demo_model):
+    root = tmp_path_factory.mktemp("dupworld")
+    world = world_with_duplicates(root / "world")
+    manifest = Manifest.read(world.manifest)
+    layout = extract(demo_model, manifest, ["relu1"], root / "layout", pool="adaptive:4", progress=False)
+    semantic = extract(demo_model, manifest, ["relu4"], root / "semantic", pool="mean", progress=False)
+    return layout, semantic
+
+
+def test_planted_near_duplicates_across_splits_all_found(dup_world):
+    layout, _ = dup_world
+    res = neighbors(layout, "relu1", label_column=None)
+    rows = layout.rows
+    truth = {(src, img) for src, img in zip(rows["duplicate_of"], rows["image"]) if src}
+    found = set(zip(res.duplicates["train_image"], res.duplicates["test_image"]))
+    assert len(truth) == 20
+    assert truth <= found  # every planted pair found
+    assert len(found - truth) <= 12  # of 280 x 120 candidate pairs
+    d = res.duplicates
+    assert (d["similarity"] >= 0.97).all() and d["similarity"].is_monotonic_decreasing
+    assert set(rows["split"].to_numpy()[d["train_row"]]) == {"train"} and set(rows["split"].to_numpy()[d["test_row"]]) == {"test"}
+
+
+def test_planted_label_noise_flagged_well_above_chance(dup_world):
+    _, semantic = dup_world
+    res = neighbors(semantic, "relu4", k=10)
+    rows = semantic.rows
+    noisy = set(np.flatnonzero(rows["label_noise"].to_numpy() == 1))
+    flagged = set(res.label_issues["row"])
+    precision = len(flagged & noisy) / len(flagged)
+    recall = len(flagged & noisy) / len(noisy)
+    chance = len(noisy) / len(rows)  # precision of flagging at random
+    assert len(noisy) == 30 and recall >= 0.8 and precision >= 0.7 > 5 * chance, (precision, recall)
+    # Suggested labels recover the true class of the flipped rows.
+    hits = res.label_issues[res.label_issues["row"].isin(noisy)]
+    assert (hits["suggested_label"].to_numpy() == rows["true_label"].to_numpy()[hits["row"]]).mean() > 0.9
+
+
+def test_roundtrip(dup_world, tmp_path):
+    res = neighbors(dup_world[1], k=4)
+    res.save(tmp_path)
+    for name in ("duplicates.csv", "label_issues.csv", "knn_indices.npy", "neighbors.json"):
+        assert (tmp_path / name).is_file()
+    back = NeighborResult.load(tmp_path)
+    np.testing.assert_array_equal(back.indices, res.indices)
+    pd.testing.assert_frame_equal(back.label_issues, res.label_issues, check_dtype=False)
+    pd.testing.assert_frame_equal(back.duplicates, res.duplicates, check_dtype=False)
+    assert back.index == "Flat" and len(back.to_frame()) == res.indices.size
