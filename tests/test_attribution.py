@@ -106,6 +106,9 @@ def test_stochastic_methods_are_seeded_and_batching_does_not_change_results(demo
     full = attribute(demo_model, demo_x, 0, "rise", n_masks=24, forward_batch=4096)
     chunked = attribute(demo_model, demo_x, 0, "rise", n_masks=24, forward_batch=5, batch_size=1)
     torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
+    # Input-dependent defaults (here the z^B bounds) come from all images, not from each batch.
+    torch.testing.assert_close(attribute(demo_model, demo_x, 0, "lrp-epsilon-gamma-box", batch_size=1),
+                               attribute(demo_model, demo_x, 0, "lrp-epsilon-gamma-box", batch_size=2))
 
 
 def _bias_free(module):

@@ -1,5 +1,6 @@
 """End-to-end dissection: planted detectors, the demo model, the loop reference, CLI, save/load."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -112,15 +113,21 @@ def test_bad_input_errors(world_dir, demo_model, tmp_path):
         dissect(demo_model, world_dir / "broden", ["conv4"], tmp_path / "b", quantile=99.5)
 
 
-def test_cli_dissect(world_dir, demo_weights, tmp_path, capsys):
+def test_cli_dissect(world_dir, demo_weights, demo_result, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["dissect", "--model", f"demo:{demo_weights}", "--broden", str(world_dir / "broden"), "--layers", "conv4",
-            "--out", str(out), "--top-k", "2", "--rule", "netdissect-lite", "--no-images", "-q"]
+            "--out", str(out), "--top-k", "2", "--rule", "netdissect-lite", "--quantile-method", "sketch", "--no-images", "-q"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "dissection of conv4 on 300 Broden images (rule netdissect-lite)" in printed
     units = pd.read_csv(out / "units.csv")
     assert len(units) == 64 and units["iou"].notna().all()
+    # sketched thresholds lie within their recorded bound of the exact ones
+    res = DissectionResult.load(out)
+    assert "grid-sketch" in res.provenance["methods"]["thresholds"]["conv4"]
+    bound = json.loads((out / "work" / "thresholds_conv4.json").read_text())["max_error_bound"]
+    assert 0 < bound < 1e-4
+    assert np.abs(res.thresholds["conv4"] - demo_result.thresholds["conv4"]).max() <= bound * (1 + 1e-9)
     np.save(tmp_path / "bad.npy", np.zeros(3))
     assert main(args[:-1] + ["--thresholds", str(tmp_path / "bad.npy"), "-q"]) == 2
     err = capsys.readouterr().err

@@ -360,9 +360,8 @@ def _composite(name, module, x, p):
         return C.EpsilonAlpha2Beta1(epsilon=p["epsilon"], canonizers=canon)
     if name == "lrp-epsilon-alpha2-beta1-flat":
         return C.EpsilonAlpha2Beta1Flat(epsilon=p["epsilon"], canonizers=canon)
-    # lrp-epsilon-gamma-box: z^B bounds are the input's value range (per channel over the batch).
-    low = x.amin(dim=(0, 2, 3), keepdim=True).expand_as(x) if p["low"] is None else _baseline(x, p["low"])
-    high = x.amax(dim=(0, 2, 3), keepdim=True).expand_as(x) if p["high"] is None else _baseline(x, p["high"])
+    # lrp-epsilon-gamma-box: z^B bounds (default: per-channel range of all the input images, set in attribute).
+    low, high = _baseline(x, p["low"]), _baseline(x, p["high"])
     return C.EpsilonGammaBox(low=low, high=high, epsilon=p["epsilon"], gamma=p["gamma"], canonizers=canon)
 
 
@@ -540,7 +539,9 @@ def attribute(model, x, target=None, method="saliency", raw=False, progress=Fals
         Show a progress bar over batches.
     **params
         Method parameters (see :func:`list_methods`); common: ``reduce`` (``sum``, ``abs``, ``max``,
-        ``mean``) and ``batch_size`` (images per call, default 32).
+        ``mean``) and ``batch_size`` (images per call, default 32). Stochastic methods are seeded
+        per call; SmoothGrad and LIME draw their noise per batch, so their maps depend on
+        ``batch_size`` as well as ``seed`` (RISE shares one mask set and does not).
 
     Returns
     -------
@@ -568,6 +569,9 @@ def attribute(model, x, target=None, method="saliency", raw=False, progress=Fals
             if p["layer"] in (None, "auto"):
                 p["layer"] = auto_layer(module, x)
             _resolve_layer(module, x, p["layer"])  # validate before any work
+        for key, reduce_fn in (("low", torch.amin), ("high", torch.amax)):
+            if key in p and p[key] is None:  # z^B bounds: the inputs' per-channel range, the same for every batch
+                p[key] = reduce_fn(x, dim=(0, 2, 3), keepdim=True)
         if "canonizer" in p:
             p["canonizer"] = _choose_canonizer(module, p["canonizer"])
         starts = range(0, x.shape[0], p["batch_size"])

@@ -220,8 +220,9 @@ def _axis(n_out, n_in):
 
 @functools.lru_cache(maxsize=64)
 def _weights(n_out, n_in):
-    """Bilinear weight matrix ``[n_out, n_in]`` (2 non-zeros per row) plus, per source index, the
-    output positions reading it (``[n_in, L]``, padded with 0) and their validity."""
+    """Bilinear weight matrix ``[n_out + 1, n_in]`` (2 non-zeros per row; the last row is zero, for
+    padding) plus, per source index, the output positions reading it (``[n_in, L]``, padded with
+    ``n_out``) and their validity."""
     i0, i1, lam, readers = _axis(n_out, n_in)
     W = np.zeros((n_out + 1, n_in), dtype=np.float32)  # last row: zeros for padding
     W[np.arange(n_out), i0] += 1 - lam

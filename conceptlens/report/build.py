@@ -18,7 +18,7 @@ from ..models import load_model, validate_layers
 from . import sections as S
 from .cache import ResultCache
 from .render import Page, render_page
-from .spec import ReportSpec, validate_spec
+from .spec import SECTIONS, ReportSpec, validate_spec
 
 __all__ = ["ReportResult", "build_report"]
 
@@ -96,7 +96,10 @@ def build_report(spec, out, progress=True, on_stage=None):
     if out.exists() and not out.is_dir():
         raise ConceptLensError(f"report output {out} is a file; choose a directory")
     run = _Run(spec, out, progress, on_stage)
-    validate_layers(run.model.module, spec.layers)
+    # Every layer the spec names, checked before any long stage runs.
+    for names in (spec.layers, spec.tcav_layers, spec.dissect_layers, [spec.duplicate_layer] if spec.duplicate_layer else None):
+        if names:
+            validate_layers(run.model.module, names)
 
     t0 = time.perf_counter()
     results = {}
@@ -106,7 +109,7 @@ def build_report(spec, out, progress=True, on_stage=None):
 
     t1 = time.perf_counter()
     page = Page(out)
-    for sid in spec.sections:
+    for sid in sorted(spec.sections, key=SECTIONS.index):
         S.SECTION_BUILDERS[sid](page, spec, results)
     index = render_page(page, spec.title, run.model.spec, str(run.manifest.path), run.stages, spec.to_dict())
     render = time.perf_counter() - t1

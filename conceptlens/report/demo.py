@@ -49,6 +49,11 @@ targets = ["label", "has_tag", "color", "texture", "scene", "subclass"]
 [embedding]
 method = "tsne"
 
+[dataset]
+# Near-duplicates: the layout of an early layer (pooled to 4 x 4), cosine >= the threshold.
+layer = "relu1"
+duplicate_threshold = 0.99
+
 [drilldown]
 methods = ["saliency", "integrated-gradients", "gradcam", "lrp-epsilon-plus-flat"]
 samples = 2
@@ -60,6 +65,9 @@ insensitive = ["tag:circle"]
 # Attributes the features must not encode, checked with linear probes against a control task, e.g. the
 # hospital of a scan: not_decodable = ["site"]. (The tag is drawn in the pixels, so every model encodes it.)
 """
+
+
+DUPLICATES, LABEL_NOISE = 10, 0.02
 
 
 def _reuse_or_train(world, weights, epochs, seed, progress):
@@ -93,7 +101,9 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
     out = Path(out).resolve()
     n, epochs, runs = (1200, 12, 20) if quick else (2000, 15, 30)
     t0 = time.perf_counter()
-    world = generate_world(out / "world", n=n, size=64, seed=seed, tag_bias=tag_bias, progress=progress)
+    # Planted for the dataset review: near-copies of train images in the test split, a few flipped labels.
+    world = generate_world(out / "world", n=n, size=64, seed=seed, tag_bias=tag_bias, near_duplicates=DUPLICATES,
+                           label_noise=LABEL_NOISE, progress=progress)
     log(f"[{time.perf_counter() - t0:6.1f} s] concept world: {n} images in {world.root}")
     weights = out / "model" / "demo.pt"
     side, reused = _reuse_or_train(world, weights, epochs, seed, progress)

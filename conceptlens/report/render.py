@@ -40,8 +40,9 @@ class Page:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        (self.out / "assets").mkdir(parents=True, exist_ok=True)
-        (self.out / "tables").mkdir(parents=True, exist_ok=True)
+        for sub in ("assets", "tables"):  # written anew: no figure or table of an earlier build lingers
+            shutil.rmtree(self.out / sub, ignore_errors=True)
+            (self.out / sub).mkdir(parents=True)
 
     def asset(self, name):
         """Path of a new figure file ``assets/<name>``."""

@@ -213,6 +213,7 @@ def section_audits(page, spec, results):
 # --------------------------------------------------------------------------- layers (representation)
 
 TOPK = 8  # images kept per channel for the max-activation gallery
+LAYOUT_POOL = "adaptive:4"  # features of the near-duplicate search
 
 
 def stage_representation(run, results):
@@ -220,7 +221,7 @@ def stage_representation(run, results):
     spec = run.spec
     if not (_wants(spec, "layers", "dataset") or spec.audit_not_decodable):
         return {}
-    from ..representation import ActivationStore
+    from ..representation import ActivationStore, extract
     from ..representation.embed import Embedding, embed
     from ..representation.neighbors import NeighborResult, neighbors
     from ..representation.probes import ProbeResult, probe
@@ -250,10 +251,20 @@ def stage_representation(run, results):
                                      lambda d: _saved(embed(store, layers[-1], spec.embed_method, seed=spec.seed), d),
                                      Embedding.load)
     if _wants(spec, "dataset"):
+        label_column = "label" if "label" in run.manifest.frame else None
         out["neighbors"] = run.stage(
-            "neighbors", {"layer": layers[-1], "threshold": spec.duplicate_threshold},
-            lambda d: _saved(neighbors(store, layers[-1], duplicate_threshold=spec.duplicate_threshold,
-                                       label_column="label" if "label" in run.manifest.frame else None), d),
+            "neighbors", {"layer": layers[-1]},
+            lambda d: _saved(neighbors(store, layers[-1], label_column=label_column), d), NeighborResult.load)
+        # Near-duplicates are copies up to noise and small shifts: compare layouts (an early layer pooled to
+        # a 4x4 grid), which mean-pooled deep features do not keep. A second, early-stopped pass.
+        dup_layer = spec.duplicate_layer or layers[0]
+        layout = run.stage("layout", {"layer": dup_layer, "pool": LAYOUT_POOL},
+                           lambda d: extract(run.model, run.manifest, [dup_layer], d / "store", pool=LAYOUT_POOL,
+                                             batch_size=spec.batch_size, progress=run.progress),
+                           lambda d: ActivationStore.open(d / "store"))
+        out["duplicates"] = run.stage(
+            "duplicates", {"layer": dup_layer, "pool": LAYOUT_POOL, "threshold": spec.duplicate_threshold},
+            lambda d: _saved(neighbors(layout, dup_layer, label_column=None, duplicate_threshold=spec.duplicate_threshold), d),
             NeighborResult.load)
     return out
 
@@ -459,18 +470,19 @@ def spray_blocks(page, spec, results):
 def neighbor_blocks(page, spec, results):
     if "neighbors" not in results:
         return []
-    nb = results["neighbors"]
+    nb, dup = results["neighbors"], results["duplicates"]
     dup_cols = ["train_image", "test_image", "similarity"]
     issue_cols = ["image", "split", "label", "suggested_label", "agreement"]
-    return [
-        table_block(page, nb.duplicates[dup_cols], "duplicates", "Near-duplicates across splits",
-                    f"Train/test pairs with cosine similarity ≥ {nb.params.get('duplicate_threshold', spec.duplicate_threshold)} "
-                    f"at layer {nb.layer} (FAISS index {nb.index}): {len(nb.duplicates)} pairs. Each one leaks the "
-                    "training set into the test set.", max_rows=20),
-        table_block(page, nb.label_issues[issue_cols], "label_issues", "Label-disagreement candidates",
-                    f"Images whose {nb.indices.shape[1]} nearest neighbours at {nb.layer} mostly carry another label: "
-                    f"{len(nb.label_issues)} candidates, most suspicious first.", max_rows=20),
-    ]
+    blocks = [table_block(page, dup.duplicates[dup_cols], "duplicates", "Near-duplicates across splits",
+                          f"Train/test pairs with cosine similarity ≥ {spec.duplicate_threshold} between the layouts of "
+                          f"{dup.layer} pooled to a 4 × 4 grid (FAISS index {dup.index}, mean-centred features): "
+                          f"{len(dup.duplicates)} pairs. Each one leaks the training set into the test set.", max_rows=20)]
+    if len(nb.label_issues.columns):
+        blocks.append(table_block(page, nb.label_issues[[c for c in issue_cols if c in nb.label_issues]], "label_issues",
+                                  "Label-disagreement candidates",
+                                  f"Images whose {nb.indices.shape[1]} nearest neighbours at {nb.layer} mostly carry "
+                                  f"another label: {len(nb.label_issues)} candidates, most suspicious first.", max_rows=20))
+    return blocks
 
 
 def section_dataset(page, spec, results):

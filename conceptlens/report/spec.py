@@ -20,8 +20,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 __all__ = ["ReportSpec", "SECTIONS", "load_spec"]
 
-#: Report sections, in page order.
-SECTIONS = ("overview", "audits", "concepts", "units", "layers", "dataset", "drilldown")
+#: Report sections, in page order: audit verdicts come first, then what the model is and knows.
+SECTIONS = ("audits", "overview", "concepts", "units", "layers", "dataset", "drilldown")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class ReportSpec:
         distinct values).
     embed_method : str
         ``tsne``, ``umap`` or ``pca``.
+    duplicate_layer : str or None
+        Layer whose layout (pooled to a 4 x 4 grid) the near-duplicate search compares (default: the
+        first of ``layers``; an early post-activation layer works best).
     duplicate_threshold : float
         Cosine similarity above which a train/test pair is a near-duplicate.
     drill_methods : tuple of str
@@ -95,7 +98,8 @@ class ReportSpec:
     dissect_layers: tuple | None = None
     probe_targets: tuple | None = None
     embed_method: str = "tsne"
-    duplicate_threshold: float = 0.98
+    duplicate_layer: str | None = None
+    duplicate_threshold: float = 0.97
     drill_methods: tuple = ("saliency", "integrated-gradients", "gradcam")
     drill_samples: int = 2
     spray_classes: tuple | None = None
@@ -125,7 +129,7 @@ _TABLES = {
     "dissection": {"broden": ("broden", "path"), "layers": ("dissect_layers", "names")},
     "probes": {"targets": ("probe_targets", "names")},
     "embedding": {"method": ("embed_method", "str")},
-    "dataset": {"duplicate_threshold": ("duplicate_threshold", "float")},
+    "dataset": {"layer": ("duplicate_layer", "str"), "duplicate_threshold": ("duplicate_threshold", "float")},
     "drilldown": {"methods": ("drill_methods", "names"), "samples": ("drill_samples", "int"),
                   "spray_classes": ("spray_classes", "names"), "spray_method": ("spray_method", "str")},
     "audits": {"insensitive": ("audit_insensitive", "pairs"), "not_decodable": ("audit_not_decodable", "names")},
