@@ -393,7 +393,7 @@ def build_parser():
 
     p = sub.add_parser("demo", help="concept world → demo CNN → full HTML report, on the embedded default")
     p.add_argument("--out", default="conceptlens-demo", help="output directory (default ./conceptlens-demo)")
-    p.add_argument("--quick", action="store_true", help="smaller world, shorter training, fewer TCAV runs (under 3 min)")
+    p.add_argument("--quick", action="store_true", help="smaller world and shorter training (under 3 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)

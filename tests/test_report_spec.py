@@ -74,7 +74,7 @@ def test_missing_required_and_invalid_toml(tmp_path):
 def test_example_specs_load(tmp_path):
     """The demo example is exactly what `conceptlens demo` writes, and it parses."""
     example = (ROOT / "data_manifests" / "report-demo.toml").read_text()
-    assert example == DEMO_SPEC.format(seed=0, device="auto", runs=30)
+    assert example == DEMO_SPEC.format(seed=0, device="auto", runs=20)
     for rel in ("world/manifest.csv", "world/concepts", "world/random", "world/broden", "model/demo.pt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).mkdir() if "." not in rel else (tmp_path / rel).write_text("image\na.png\n")

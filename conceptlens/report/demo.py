@@ -68,6 +68,8 @@ insensitive = ["tag:circle"]
 
 
 DUPLICATES, LABEL_NOISE = 10, 0.02
+# TCAV's split design gives each run its own concept images: 100 images, 20 runs -> 5 per CAV.
+CONCEPT_IMAGES, RUNS = 100, 20
 
 
 def _reuse_or_train(world, weights, epochs, seed, progress):
@@ -87,7 +89,7 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
     out : str or Path
         Folder for ``world/``, ``model/``, ``report.toml`` and ``report/``.
     quick : bool
-        Smaller world, shorter training and fewer TCAV runs.
+        Smaller world and shorter training.
     tag_bias : float
         Tag/class association of the training split (0 = an unbiased world).
     log : callable, optional
@@ -99,18 +101,18 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
     """
     log = log or (lambda message: None)
     out = Path(out).resolve()
-    n, epochs, runs = (1200, 12, 20) if quick else (2000, 15, 30)
+    n, epochs = (1200, 12) if quick else (2000, 15)
     t0 = time.perf_counter()
     # Planted for the dataset review: near-copies of train images in the test split, a few flipped labels.
     world = generate_world(out / "world", n=n, size=64, seed=seed, tag_bias=tag_bias, near_duplicates=DUPLICATES,
-                           label_noise=LABEL_NOISE, progress=progress)
+                           label_noise=LABEL_NOISE, n_concept=CONCEPT_IMAGES, progress=progress)
     log(f"[{time.perf_counter() - t0:6.1f} s] concept world: {n} images in {world.root}")
     weights = out / "model" / "demo.pt"
     side, reused = _reuse_or_train(world, weights, epochs, seed, progress)
     log(f"[{time.perf_counter() - t0:6.1f} s] demo CNN: test accuracy {side['test_accuracy']:.3f}"
         f"{' (reused)' if reused else ''} ({weights})")
     spec_path = out / "report.toml"
-    spec_path.write_text(DEMO_SPEC.format(seed=seed, device=device, runs=runs))
+    spec_path.write_text(DEMO_SPEC.format(seed=seed, device=device, runs=RUNS))
 
     def on_stage(name, seconds, cached):
         log(f"[{time.perf_counter() - t0:6.1f} s] {name}: {seconds:.1f} s{' (cached)' if cached else ''}")
