@@ -13,7 +13,8 @@ __all__ = ["confusion_plot", "grouped_bars", "depth_plot", "scatter_plot"]
 
 def _save(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    # Fast PNG compression: the report's figures are small, and writing them dominates rendering.
+    fig.savefig(path, dpi=90, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
 
@@ -60,11 +61,15 @@ def grouped_bars(frame, group, bar, value, low, high, path, title, ylabel, refer
     return _save(fig, path)
 
 
-def depth_plot(frame, x, lines, path, title, ylabel):
-    """One line per ``(column, label)`` in ``lines`` over the ordered ``x`` values (layer depth)."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for column, label, style in lines:
-        ax.plot(frame[x], frame[column], style, label=label, marker="o")
+def depth_plot(frame, x, group, lines, path, title, ylabel):
+    """Per ``group`` value one colour, per ``(column, label, style)`` of ``lines`` one line style,
+    over the ordered ``x`` values (layer depth)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, g) in enumerate(frame.groupby(group, sort=False)):
+        for column, label, style in lines:
+            ax.plot(g[x], g[column], style, color=cmap(i % 10), marker="o", ms=3,
+                    label=f"{name}: {label}")
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

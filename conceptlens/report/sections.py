@@ -291,12 +291,11 @@ def section_layers(page, spec, results):
     if "probes" in results:
         table = results["probes"].to_frame()
         depth = {layer: i for i, layer in enumerate(spec.layers)}
-        for target, g in table.groupby("target", sort=False):
-            g = g.assign(depth=g["layer"].map(depth)).sort_values("depth")
-            path = depth_plot(g, "layer", [("accuracy", "probe accuracy", "-"), ("control_accuracy", "control task", "--"),
-                                           ("majority_accuracy", "majority class", ":")],
-                              page.asset(f"probe-{_slug(target)}.png"), f"probe: {target}", "test accuracy")
-            blocks.append(image_block(page, path, f"probe accuracy for {target} across layers", caption=f"target {target}"))
+        order = table.assign(depth=table["layer"].map(depth)).sort_values(["target", "depth"], kind="stable")
+        path = depth_plot(order, "layer", "target", [("accuracy", "probe", "-"), ("control_accuracy", "control", ":")],
+                          page.asset("probes.png"), "linear probes across depth", "test accuracy")
+        blocks.append(image_block(page, path, "probe accuracy and control accuracy per target across layers",
+                                  caption="solid: probe accuracy; dotted: control task (same colour = same target)"))
         cols = ["layer", "target", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity",
                 "selectivity_ci_low", "decodable"]
         blocks.insert(0, table_block(page, table[[c for c in cols if c in table]], "probes", "Linear probes per layer",
