@@ -6,7 +6,8 @@ import pytest
 
 from conceptlens.cli import build_parser, main
 
-COMMANDS = ["world", "train-demo", "layers", "extract", "demo"]
+COMMANDS = ["world", "train-demo", "layers", "extract", "report", "demo", "probe", "embed", "neighbors", "topk",
+            "attribute", "spray", "tcav", "dissect"]
 
 
 def run_cli(*args):
@@ -35,6 +36,7 @@ def test_help_lists_all_commands():
         (["extract", "--model", "torchvision:resnet18", "--data", "missing.csv", "--layers", "layer4", "--out", "x"],
          "manifest missing.csv does not exist"),
         (["train-demo", "--world", "no-world-here", "--out", "m.pt"], "is not a concept world"),
+        (["report", "missing.toml", "--out", "r"], "report spec missing.toml does not exist"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):

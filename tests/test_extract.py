@@ -8,7 +8,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from conceptlens.data import Manifest, Preprocessing, load_images
 from conceptlens.errors import ConceptLensError
-from conceptlens.representation.extract import extract, iter_activations, iter_gradients
+from conceptlens.representation.extract import extract, iter_activations, iter_gradients, predict
 from conceptlens.representation.store import ActivationStore
 
 PREP = Preprocessing(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -182,3 +182,17 @@ def test_skip_bad_images_are_counted_and_listed(tmp_path, resnet18, image_manife
     ref = extract(resnet18, Manifest.read(image_manifest).subset([i not in (5, 11) for i in range(20)]),
                   ["layer4"], tmp_path / "c", batch_size=4, preprocessing=PREP, progress=False)
     np.testing.assert_allclose(store.load("layer4"), ref.load("layer4"), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_equals_the_model_on_the_same_images_and_counts_skips(tmp_path, resnet18, image_manifest):
+    x = load_images(Manifest.read(image_manifest), PREP)
+    with torch.no_grad():
+        direct = resnet18.module(x).numpy()
+    rows, logits = predict(resnet18, image_manifest, batch_size=7, preprocessing=PREP, progress=False)
+    assert rows.tolist() == list(range(20))
+    np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+    (image_manifest.parent / "img" / "004.png").write_bytes(b"not a png")
+    with pytest.raises(ConceptLensError, match="004.png"):
+        predict(resnet18, image_manifest, preprocessing=PREP, progress=False)
+    rows, logits = predict(resnet18, image_manifest, preprocessing=PREP, skip_bad=True, progress=False)
+    assert 4 not in rows and len(logits) == 19

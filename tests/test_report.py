@@ -173,3 +173,15 @@ def test_torchvision_example_spec_with_local_weights(tmp_path):
     assert set(accuracy["split"]) == {"train", "test"} and accuracy["n"].max() == 30
     audits = pd.read_csv(tmp_path / "out" / "tables" / "audits.csv")
     assert set(audits["kind"]) == {"concept sensitivity", "decodability"}
+
+
+def test_demo_command_builds_the_full_report(tmp_path, capsys):
+    from conceptlens.cli import main
+
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    index = tmp_path / "demo" / "report" / "index.html"
+    assert f"report: {index}" in out and index.is_file()
+    audits = pd.read_csv(tmp_path / "demo" / "report" / "tables" / "audits.csv")
+    assert list(audits["verdict"]) == ["fail"]  # the quick demo's world is tag-biased too
+    assert load_spec(tmp_path / "demo" / "report.toml").model.endswith("model/demo.pt")

@@ -114,3 +114,28 @@ def test_fingerprint_changes_with_content(tmp_path):
     f1 = fingerprint(tmp_path / "a")
     (tmp_path / "a" / "2.png").write_bytes(b"y")
     assert fingerprint(tmp_path / "a") != f1
+
+
+def test_overview_accuracy_and_confusion_match_sklearn():
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    from conceptlens.report.overview import Overview
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    label = rng.choice(classes, 200)
+    pred = np.where(rng.random(200) < 0.7, label, rng.choice(classes, 200))
+    split = rng.choice(["train", "test"], 200)
+    frame = pd.DataFrame({"manifest_row": range(200), "image": [f"{i}.png" for i in range(200)], "label": label,
+                          "split": split, "predicted": pred, "confidence": 1.0})
+    ov = Overview(predictions=frame, classes=classes, meta={})
+    acc = ov.accuracy().set_index(["split", "class"])
+    for s in ("train", "test"):
+        m = split == s
+        assert acc.loc[(s, "(all)"), "accuracy"] == pytest.approx(accuracy_score(label[m], pred[m]))
+        for c in classes:
+            mc = m & (label == c)
+            assert acc.loc[(s, c), "accuracy"] == pytest.approx(accuracy_score(label[mc], pred[mc]))
+        np.testing.assert_array_equal(ov.confusion(s).to_numpy(), confusion_matrix(label[m], pred[m], labels=classes))
