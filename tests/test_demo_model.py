@@ -33,7 +33,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     world = generate_world(tmp_path / "w", n=48, size=16, seed=0, n_concept=1, n_random=1, progress=False)
     a = train_demo(world.root, tmp_path / "a.pt", epochs=1, seed=0, progress=False)
     b = train_demo(world.root, tmp_path / "b.pt", epochs=1, seed=0, progress=False)
-    c = train_demo(world.root, tmp_path / "c.pt", epochs=1, seed=1, progress=False)
+    train_demo(world.root, tmp_path / "c.pt", epochs=1, seed=1, progress=False)
     sa, sb, sc = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in "abc")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])

@@ -658,7 +658,7 @@ class TCAV:
         runs = self.runs
         owners = np.asarray(owners)
         run_of = np.tile(np.arange(runs), len(names) + 1)
-        run_rows, table_rows, a_rows, b_rows, stab = [], [], [], [], []
+        run_rows, table_rows, a_rows, b_rows = [], [], [], []
         for layer in layers:
             acc = fitted[layer].accuracy
             vec = fitted[layer].vectors.reshape(len(names) + 1, runs, -1)

@@ -37,8 +37,9 @@ def fingerprint(path):
 class ResultCache:
     """``get(name, key, compute, load)`` returns ``(result, cached)``.
 
-    ``compute(directory)`` must write the result into ``directory`` and return it; ``load(directory)``
-    reads it back. Results of the same name with another key are removed when a new one is written.
+    ``compute(directory)`` writes the result into ``directory``; ``load(directory)`` reads it back,
+    also right after computing, so a fresh and a cached result are the same object type from the same
+    files. Results of the same name with another key are removed when a new one is written.
     """
 
     def __init__(self, root):
@@ -57,7 +58,7 @@ class ResultCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            result = compute(tmp)
+            compute(tmp)
             (tmp / ".done").write_text("ok\n")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -66,5 +67,5 @@ class ResultCache:
             shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        # The result may reference files under the temporary path: reload from the final place.
+        # Loaded from the final place: a result may reference its files (images, a store).
         return load(target), False

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-import pandas as pd
 
 from .. import __version__
 
@@ -97,8 +96,3 @@ def render_page(page, title, model, manifest, stages, spec_dict):
     index = page.out / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
-
-
-def frame_of(records):
-    """DataFrame of a list of dicts (empty frame for an empty list)."""
-    return pd.DataFrame(list(records))

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from .cache import fingerprint
 from .plots import confusion_plot, depth_plot, grouped_bars, scatter_plot
-from .render import frame_of, image_block, table_block
+from .render import image_block, table_block
 
 __all__ = ["STAGES", "SECTION_BUILDERS"]
 
@@ -30,7 +31,7 @@ def stage_overview(run, results):
     from .overview import Overview, compute_overview
 
     return {"overview": run.stage(
-        "overview", {}, lambda d: _saved(compute_overview(run.model, run.manifest, run.spec.batch_size, run.progress), d),
+        "overview", {}, lambda d: compute_overview(run.model, run.manifest, run.spec.batch_size, run.progress).save(d),
         Overview.load)}
 
 
@@ -82,8 +83,8 @@ def stage_tcav(run, results):
         tcav = TCAV(run.model, layers, runs=spec.tcav_runs, seed=spec.seed, batch_size=spec.batch_size,
                     progress=run.progress)
         names = list(spec.concept_names) if spec.concept_names else None
-        return _saved(tcav.run(spec.concepts, spec.random_pool, classes, run.manifest, max_inputs=TCAV_MAX_INPUTS,
-                               concept_names=names), d)
+        tcav.run(spec.concepts, spec.random_pool, classes, run.manifest, max_inputs=TCAV_MAX_INPUTS,
+                 concept_names=names).save(d)
 
     return {"tcav": run.stage("tcav", params, compute, TCAVResult.load)}
 
@@ -130,7 +131,6 @@ def stage_dissection(run, results):
 
     def compute(d):
         dissect(run.model, spec.broden, layers, d, batch_size=spec.batch_size, progress=run.progress)
-        return None
 
     params = {"layers": layers, "broden": fingerprint(spec.broden)}
     return {"dissection": run.stage("dissection", params, compute, DissectionResult.load)}
@@ -203,7 +203,7 @@ def section_audits(page, spec, results):
     rows = audit_verdicts(spec, results)
     if not rows:
         return page.section("audits", "Audits", skipped="no audits in the spec ([audits] insensitive, not_decodable)")
-    frame = frame_of(rows)
+    frame = pd.DataFrame(rows)
     page.table(frame, "audits")
     n_fail = int((frame["verdict"] == "fail").sum())
     text = f"{len(rows)} audits: {n_fail} failed, {int((frame['verdict'] == 'pass').sum())} passed."
@@ -230,10 +230,8 @@ def stage_representation(run, results):
     layers = list(spec.layers)
 
     def compute_acts(d):
-        res = topk(run.model, run.manifest, layers, k=TOPK, store=d / "store", pool="mean",
-                   batch_size=spec.batch_size, progress=run.progress)
-        res.save(d / "topk")
-        return res
+        topk(run.model, run.manifest, layers, k=TOPK, store=d / "store", pool="mean",
+             batch_size=spec.batch_size, progress=run.progress).save(d / "topk")
 
     def load_acts(d):
         return TopKResult.load(d / "topk"), ActivationStore.open(d / "store")
@@ -244,17 +242,17 @@ def stage_representation(run, results):
     targets += [t for t in spec.audit_not_decodable if t not in targets]
     if targets:
         out["probes"] = run.stage("probes", {"layers": layers, "targets": targets},
-                                  lambda d: _saved(probe(store, targets, layers, seed=spec.seed, progress=run.progress), d),
+                                  lambda d: probe(store, targets, layers, seed=spec.seed, progress=run.progress).save(d),
                                   ProbeResult.load)
     if _wants(spec, "layers"):
         out["embedding"] = run.stage("embedding", {"layer": layers[-1], "method": spec.embed_method},
-                                     lambda d: _saved(embed(store, layers[-1], spec.embed_method, seed=spec.seed), d),
+                                     lambda d: embed(store, layers[-1], spec.embed_method, seed=spec.seed).save(d),
                                      Embedding.load)
     if _wants(spec, "dataset"):
         label_column = "label" if "label" in run.manifest.frame else None
         out["neighbors"] = run.stage(
             "neighbors", {"layer": layers[-1]},
-            lambda d: _saved(neighbors(store, layers[-1], label_column=label_column), d), NeighborResult.load)
+            lambda d: neighbors(store, layers[-1], label_column=label_column).save(d), NeighborResult.load)
         # Near-duplicates are copies up to noise and small shifts: compare layouts (an early layer pooled to
         # a 4x4 grid), which mean-pooled deep features do not keep. A second, early-stopped pass.
         dup_layer = spec.duplicate_layer or layers[0]
@@ -264,14 +262,9 @@ def stage_representation(run, results):
                            lambda d: ActivationStore.open(d / "store"))
         out["duplicates"] = run.stage(
             "duplicates", {"layer": dup_layer, "pool": LAYOUT_POOL, "threshold": spec.duplicate_threshold},
-            lambda d: _saved(neighbors(layout, dup_layer, label_column=None, duplicate_threshold=spec.duplicate_threshold), d),
+            lambda d: neighbors(layout, dup_layer, label_column=None, duplicate_threshold=spec.duplicate_threshold).save(d),
             NeighborResult.load)
     return out
-
-
-def _saved(result, directory):
-    result.save(directory)
-    return result
 
 
 def _default_targets(manifest):
@@ -374,9 +367,7 @@ def stage_drilldown(run, results):
     params = {"methods": list(run.spec.drill_methods), "rows": rows}
 
     def compute(d):
-        expl = explain(run.model, subset, list(run.spec.drill_methods), progress=run.progress)
-        expl.save(d)
-        return expl
+        explain(run.model, subset, list(run.spec.drill_methods), progress=run.progress).save(d)
 
     return {"drilldown": run.stage("drilldown", params, compute, lambda d: (Explanations.load(d), d))}
 
@@ -423,10 +414,8 @@ def stage_spray(run, results):
     out = {}
     for cls in _spray_classes(run.spec):
         def compute(d, cls=cls):
-            res = spray_class(run.model, run.manifest, cls, method=run.spec.spray_method, seed=run.spec.seed,
-                              progress=run.progress)
-            res.save(d)
-            return res
+            spray_class(run.model, run.manifest, cls, method=run.spec.spray_method, seed=run.spec.seed,
+                        progress=run.progress).save(d)
 
         out[f"spray:{cls}"] = run.stage(f"spray_{_slug(cls)}", {"class": cls, "method": run.spec.spray_method},
                                         compute, SprayResult.load)
