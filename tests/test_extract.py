@@ -8,7 +8,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from conceptlens.data import Manifest, Preprocessing, load_images
 from conceptlens.errors import ConceptLensError
-from conceptlens.representation.extract import extract, iter_activations, iter_gradients, predict
+from conceptlens.representation.extract import extract, iter_activations, iter_gradients, predict, predict_tensor
 from conceptlens.representation.store import ActivationStore
 
 PREP = Preprocessing(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -191,6 +191,7 @@ def test_predict_equals_the_model_on_the_same_images_and_counts_skips(tmp_path, 
     rows, logits = predict(resnet18, image_manifest, batch_size=7, preprocessing=PREP, progress=False)
     assert rows.tolist() == list(range(20))
     np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict_tensor(resnet18, x, batch_size=6).numpy(), direct, rtol=1e-5, atol=1e-5)
     (image_manifest.parent / "img" / "004.png").write_bytes(b"not a png")
     with pytest.raises(ConceptLensError, match="004.png"):
         predict(resnet18, image_manifest, preprocessing=PREP, progress=False)

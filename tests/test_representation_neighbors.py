@@ -7,7 +7,7 @@ import pytest
 from conceptlens.data import Manifest
 from conceptlens.errors import ConceptLensError
 from conceptlens.representation.extract import extract
-from conceptlens.representation.neighbors import NeighborResult, knn, label_disagreement, neighbors
+from conceptlens.representation.neighbors import NeighborResult, knn, label_disagreement, neighbors, self_knn
 from representation_helpers import synthetic_store, world_with_duplicates
 
 
@@ -36,6 +36,31 @@ def test_flat_faiss_equals_brute_force(center):
     ri, rs = _brute(x.astype(np.float64), 5, queries=q.astype(np.float64), center=center)
     np.testing.assert_array_equal(qi, ri)
     np.testing.assert_allclose(qs, rs, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [16, 97, 4096])
+def test_blocked_self_join_equals_brute_force(block):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 24)).astype(np.float32)
+    x[150:160] = x[0]  # exact duplicates: equal similarities must come in index order
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    inds, sims = self_knn(x, 12, block=block)
+    ref_i, ref_s = _brute(x.astype(np.float64), 12)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    ties = np.isclose(sims[:, :, None], sims[:, None, :], atol=1e-6).sum(axis=2) > 1
+    np.testing.assert_array_equal(inds[~ties], ref_i[~ties])
+    assert (inds[0, :10] == np.arange(150, 160)).all()  # the duplicates of row 0, lowest index first
+    kept, kept_s = self_knn(x, 3, exclude_self=False, block=block)
+    assert (kept_s[:, 0] > 0.9999).all()
+
+
+def test_self_join_with_fewer_rows_than_k():
+    x = np.eye(3, dtype=np.float32)
+    inds, sims = self_knn(x, 5, block=2)
+    assert (inds[:, 2:] == -1).all() and np.isinf(sims[:, 2:]).all()
+    assert [set(r[:2]) for r in inds] == [{1, 2}, {0, 2}, {0, 1}]
+    k_inds, k_sims = knn(x, 5)
+    assert (k_inds[:, 2:] == -1).all() and np.isnan(k_sims[:, 2:]).all()
 
 
 def test_self_excluded_even_behind_exact_duplicates():

@@ -150,6 +150,7 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     Explanations
     """
     from ..data import Manifest, load_images
+    from ..representation.extract import predict_tensor
 
     if isinstance(methods, str):
         methods = [s.strip() for s in methods.split(",") if s.strip()]
@@ -166,9 +167,7 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
         manifest = manifest.subset(np.arange(len(manifest)) < int(limit))
     prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
     x = load_images(manifest, prep)
-    module = getattr(model, "module", model)
-    with torch.no_grad():
-        logits = torch.cat([module(xb.to(model.device)).cpu() for xb in x.split(batch_size)])
+    logits = predict_tensor(model, x, batch_size)
     predicted = logits.argmax(1)
     if target is None:
         t = predicted

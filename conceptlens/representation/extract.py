@@ -27,7 +27,7 @@ from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from .store import ActivationStore, StoreWriter
 
-__all__ = ["extract", "predict", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
+__all__ = ["extract", "predict", "predict_tensor", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -337,15 +337,32 @@ def predict(model, data, batch_size=64, num_workers=0, skip_bad=False, preproces
     prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
     batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
     rows, logits = [], []
-    with torch.inference_mode():
-        for r, x in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-            out = module(x.to(device, non_blocking=True))
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            rows.append(r.numpy())
-            logits.append(out.float().cpu().numpy())
+    for r, x in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+        rows.append(r.numpy())
+        logits.append(_logits(module, x, device).numpy())
     if not rows:
         raise ConceptLensError(f"no readable image in {manifest.path}; nothing to predict")
     return np.concatenate(rows), np.concatenate(logits)
+
+
+def predict_tensor(model, x, batch_size=64):
+    """The model's outputs (float32 logits, on the CPU) for preprocessed images already in memory.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    x : Tensor [N, 3, H, W]
+    batch_size : int
+    """
+    _, module, device = _model_and_device(model)
+    return torch.cat([_logits(module, xb, device) for xb in x.split(int(batch_size))])
+
+
+def _logits(module, x, device):
+    with torch.inference_mode():
+        out = module(x.to(device, non_blocking=True))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.float().cpu()
 
 
 def write_batches(model, batches, layers, writer, pool, dtype, observers=(), progress=True):

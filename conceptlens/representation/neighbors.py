@@ -1,8 +1,12 @@
 """Nearest neighbours in a layer's feature space (FAISS), and two dataset-review products.
 
-* **k-NN** with self matches excluded: by default an exact ``IndexFlatIP`` on L2-normalised
-  features (cosine similarity); any FAISS ``index_factory`` string (``"IVF1024,Flat"``,
-  ``"HNSW32"``, ...) for large N, recorded in the result.
+* **k-NN** with self matches excluded, cosine similarity (inner product on L2-normalised
+  features). ``"Flat"`` (the default) is exact; any FAISS ``index_factory`` string
+  (``"IVF1024,Flat"``, ``"HNSW32"``, ...) for large N, recorded in the result. The exact k-NN of a
+  set against itself - the dataset-review query - runs as a blocked symmetric self-join
+  (:func:`self_knn`): ``X X^T`` is symmetric, so each block of similarities is computed once and
+  serves the rows on both sides, half the multiply-adds of a FAISS ``IndexFlatIP`` search
+  (``benchmarks/representation.py`` measures both). Queries from outside the set go to FAISS.
 * **Label-disagreement candidates**: rows whose neighbours mostly carry another label (the label
   is suspicious, or the image is atypical for its class).
 * **Near-duplicates across splits**: (train, test) pairs whose cosine similarity reaches a
@@ -23,7 +27,7 @@ import pandas as pd
 from ..errors import ConceptLensError
 from ._common import check_column, check_layers, layer_features, open_store, read_csv, read_json, store_provenance, write_result
 
-__all__ = ["NeighborResult", "neighbors", "knn", "build_index", "label_disagreement", "cross_split_duplicates"]
+__all__ = ["NeighborResult", "neighbors", "knn", "self_knn", "build_index", "label_disagreement", "cross_split_duplicates"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def _normalise(x, center):
 
 
 def knn(x, k=10, queries=None, *, index="Flat", nprobe=None, center=False, exclude_self=True):
-    """Cosine k nearest neighbours with FAISS.
+    """Cosine k nearest neighbours: FAISS, or :func:`self_knn` for the exact self-join.
 
     Parameters
     ----------
@@ -90,7 +94,8 @@ def knn(x, k=10, queries=None, *, index="Flat", nprobe=None, center=False, exclu
     queries : ndarray [M, D], optional
         Query vectors; default: the database itself, with each row's own match removed.
     index : str
-        FAISS ``index_factory`` string.
+        FAISS ``index_factory`` string; ``"Flat"`` without ``queries`` uses :func:`self_knn`
+        (exact, same neighbours, about half the work).
     nprobe : int, optional
         For IVF indexes.
     center : bool
@@ -113,15 +118,96 @@ def knn(x, k=10, queries=None, *, index="Flat", nprobe=None, center=False, exclu
     self_query = queries is None
     q = db if self_query else _normalise(queries, mean)
     extra = 1 if self_query and exclude_self else 0
-    kk = min(k + extra, len(db))
-    sims, inds = build_index(db, index, nprobe).search(q, kk)
-    if extra:
-        inds, sims = _drop_self(inds, sims, k)
+    if self_query and index == "Flat":
+        inds, sims = self_knn(db, min(k, len(db) - extra), exclude_self=exclude_self)
+    else:
+        sims, inds = build_index(db, index, nprobe).search(q, min(k + extra, len(db)))
+        if extra:
+            inds, sims = _drop_self(inds, sims, k)
     if inds.shape[1] < k:  # fewer database rows than k
         pad = k - inds.shape[1]
         inds = np.pad(inds, ((0, 0), (0, pad)), constant_values=-1)
         sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
     return inds.astype(np.int64), sims.astype(np.float32)
+
+
+def self_knn(x, k, *, exclude_self=True, block=4096):
+    """Exact k nearest neighbours of every row of ``x`` among the rows of ``x`` (inner product).
+
+    The similarity matrix is computed block by block, only on and above the block diagonal: an
+    off-diagonal block ``S = X_a X_b^T`` serves the rows of ``a`` (its rows) and of ``b`` (its
+    columns). Diagonal blocks go first, so every row has a running k-th best similarity before the
+    off-diagonal blocks; in those only entries at or above it are candidates, which keeps the
+    selection to two comparisons and a merge of the few survivors.
+
+    Parameters
+    ----------
+    x : ndarray [N, D] float32
+        Vectors (L2-normalised for cosine similarity).
+    k : int
+        Neighbours per row.
+    exclude_self : bool
+        Leave row ``i`` out of its own neighbours.
+    block : int
+        Rows per block (a block of similarities is ``block**2`` float32).
+
+    Returns
+    -------
+    indices : ndarray [N, k] int64
+        Best first; equal similarities are ordered by row index. -1 where fewer than k exist.
+    similarities : ndarray [N, k] float32
+        ``-inf`` where the index is -1.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, k, block = len(x), int(k), int(block)
+    best_s = np.full((n, k), -np.inf, dtype=np.float32)
+    best_i = np.full((n, k), -1, dtype=np.int64)
+    if k < 1 or n == 0:
+        return best_i, best_s
+    # Preallocated, contiguous buffers: allocating a fresh block per product costs as much as the
+    # product itself (page faults), and BLAS runs slower into strided output.
+    sim_buf, mask_buf = np.empty(block * block, dtype=np.float32), np.empty(block * block, dtype=bool)
+    starts = range(0, n, block)
+    for a, b in [(a, a) for a in starts] + [(a, b) for a in starts for b in starts if b > a]:
+        na, nb = min(block, n - a), min(block, n - b)
+        s = np.matmul(x[a:a + na], x[b:b + nb].T, out=sim_buf[:na * nb].reshape(na, nb))
+        mask = mask_buf[:na * nb].reshape(na, nb)
+        if a == b:
+            if exclude_self:
+                np.fill_diagonal(s, -np.inf)
+            # Candidates: everything at or above each row's k-th best of this block (ties included).
+            kth = -np.partition(-s, min(k, nb) - 1, axis=1)[:, min(k, nb) - 1: min(k, nb)]
+            _merge(best_s, best_i, s, np.greater_equal(s, kth, out=mask), a, b)
+        else:
+            _merge(best_s, best_i, s, np.greater_equal(s, best_s[a:a + na, -1:], out=mask), a, b)
+            _merge(best_s, best_i, s, np.greater_equal(s, best_s[b:b + nb, -1][None, :], out=mask), a, b, columns=True)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_i, best_s
+
+
+def _merge(best_s, best_i, s, mask, a, b, columns=False):
+    """Fold the masked entries of block ``s`` (rows from ``a``, columns from ``b``) into the running
+    top-k of their rows (``columns=True``: of their columns), ordered by similarity, then index."""
+    flat = np.flatnonzero(mask)
+    r, c = np.divmod(flat, s.shape[1])
+    vals = s.ravel()[flat]
+    rows, cols = (c + b, r + a) if columns else (r + a, c + b)
+    keep = np.isfinite(vals)
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    if len(rows) == 0:
+        return
+    k = best_s.shape[1]
+    touched = np.unique(rows)
+    rows = np.concatenate([np.repeat(touched, k), rows])
+    vals = np.concatenate([best_s[touched].ravel(), vals])
+    cols = np.concatenate([best_i[touched].ravel(), cols])
+    order = np.lexsort((cols, -vals, rows))
+    rows, vals, cols = rows[order], vals[order], cols[order]
+    first = np.searchsorted(rows, touched)
+    rank = np.arange(len(rows)) - np.repeat(first, np.diff(np.append(first, len(rows))))
+    top = rank < k
+    best_s[rows[top], rank[top]] = vals[top]
+    best_i[rows[top], rank[top]] = cols[top]
 
 
 def _drop_self(inds, sims, k):
