@@ -215,7 +215,7 @@ def _cmd_neighbors(args):
                        label_column=args.label_column or None, max_agreement=args.max_agreement,
                        duplicate_threshold=args.threshold)
     result.save(args.out)
-    print(f"neighbours of {result.layer} (FAISS {result.index}, k={args.k}): {len(result.label_issues)} label-issue candidates -> "
+    print(f"neighbours of {result.layer} ({result.params['knn']}, k={args.k}): {len(result.label_issues)} label-issue candidates -> "
           f"{Path(args.out) / 'label_issues.csv'}; {len(result.duplicates)} train/test pairs with cosine >= {args.threshold} -> "
           f"{Path(args.out) / 'duplicates.csv'}")
 
@@ -419,11 +419,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("neighbors", help="FAISS k-NN: label-disagreement candidates and train/test near-duplicates")
+    p = sub.add_parser("neighbors", help="cosine k-NN: label-disagreement candidates and train/test near-duplicates")
     _add_store_source_args(p)
     p.add_argument("--layer", default=None, help="layer (default: the store's last)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--index", default="Flat", help="FAISS index_factory string (default Flat = exact; e.g. IVF1024,Flat)")
+    p.add_argument("--index", default="Flat", help="Flat (default) = exact blocked self-join; or a FAISS index_factory string, e.g. IVF1024,Flat")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
     p.add_argument("--no-center", action="store_true", help="do not subtract the mean feature before normalising")
     p.add_argument("--label-column", default="label", help="column for label-disagreement candidates ('' to skip)")

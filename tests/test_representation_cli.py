@@ -39,7 +39,7 @@ def test_probe_embed_neighbors_over_a_store(store, tmp_path, capsys):
     for name in ("duplicates.csv", "label_issues.csv"):
         assert (tmp_path / "n" / name).is_file()
     out = capsys.readouterr().out
-    assert "probes (4)" in out and "trustworthiness" in out and "FAISS Flat" in out
+    assert "probes (4)" in out and "trustworthiness" in out and "exact blocked symmetric self-join" in out
 
 
 def test_topk_and_probe_from_model_and_manifest(small_manifest, demo_weights, tmp_path):

@@ -243,7 +243,7 @@ class NeighborResult:
         train_manifest_row, test_manifest_row, train_image, test_image, similarity``.
     layer : str
     index : str
-        The FAISS ``index_factory`` string used.
+        ``"Flat"`` (exact) or the FAISS ``index_factory`` string used.
     params : dict
     provenance : dict
     """
@@ -430,8 +430,9 @@ def neighbors(
         })
     else:
         logger.info("the manifest has no 'split' column: no cross-split duplicate search")
-    logger.info("neighbors of %s with FAISS %s: %d label-issue candidates, %d duplicate pairs", layer, index, len(issues), len(dups))
-    params = {"k": k, "index": index, "nprobe": nprobe, "metric": "cosine (inner product on L2-normalised features)",
+    how = "exact blocked symmetric self-join" if index == "Flat" else f"FAISS {index}"
+    logger.info("neighbors of %s (%s): %d label-issue candidates, %d duplicate pairs", layer, how, len(issues), len(dups))
+    params = {"k": k, "index": index, "knn": how, "nprobe": nprobe, "metric": "cosine (inner product on L2-normalised features)",
               "center": bool(center), "label_column": label_column, "max_agreement": max_agreement,
               "duplicate_threshold": duplicate_threshold, "duplicates_per_image": duplicates_per_image}
     return NeighborResult(indices=inds, similarities=sims, rows=rows, label_issues=issues, duplicates=dups,
