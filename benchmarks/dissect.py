@@ -8,7 +8,7 @@ object, texture (pixel masks) and scene (image-level). Figures, all measured in 
   float16 store, thresholds, tally with top-k; per-unit PNGs off) over the floor = one plain
   ``model(x)`` over the same images through the same loader + ``decode_mask`` of every mask once
   (target <= 1.15; NetDissect-Lite measured 1.75x). Best of ``--repeats``.
-* ``dissect_iou_speedup_vs_loop``: the tally (masks decoded + sparse IoU) over the loop reference
+* ``dissect_iou_speedup_vs_loop``: the tally (masks decoded + IoU counts) over the loop reference
   of tests/dissection_reference.py (per image, per unit numpy loops) on the same stored
   activations and thresholds, first ``--loop-images`` images (target >= 10).
 * ``dissect_rss_growth``: peak RSS of ``dissect`` at 4x the images over 1x, each in a fresh
@@ -129,7 +129,8 @@ def main():
         ours.append(time.perf_counter() - t0)
         cpu_ours.append(time.process_time() - c0)
     print(f"floor {min(floors):.1f} s, dissect {min(ours):.1f} s wall (all: floor {[round(t, 1) for t in floors]}, "
-          f"dissect {[round(t, 1) for t in ours]}); CPU time ratio {min(cpu_ours) / min(cpu_floor):.3f} "
+          f"dissect {[round(t, 1) for t in ours]}; paired ratios {[round(o / f, 3) for o, f in zip(ours, floors)]}); "
+          f"CPU time ratio {min(cpu_ours) / min(cpu_floor):.3f} "
           f"(stages {json.dumps({k: round(v, 1) for k, v in result.provenance['timings'].items()})})")
 
     # IoU phase vs the loop reference on the same stored activations and thresholds

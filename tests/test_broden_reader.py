@@ -133,3 +133,26 @@ def test_bad_masks_and_categories(tmp_path):
     (root / "images" / "ade" / "a_object_2.png").unlink()
     with pytest.raises(ConceptLensError, match=r"a_object_2.png does not exist"):
         read_broden(root, categories=["object"]).annotations(0)
+
+
+def test_decode_mask_png_kinds(tmp_path):
+    # every PNG kind decodes to R + 256·G (palette: of its colours; greyscale: the values themselves)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    want = rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
+    grey16 = rng.integers(0, 65536, size=(5, 7)).astype(np.uint16)
+    images = {"rgb": (Image.fromarray(rgb), want),
+              "rgba": (Image.fromarray(np.dstack([rgb, np.full((5, 7), 9, np.uint8)])), want),
+              "palette": (Image.fromarray(rgb).quantize(8), None),
+              "grey": (Image.fromarray(rgb[..., 0]), rgb[..., 0].astype(np.int32)),
+              "grey16": (Image.fromarray(grey16), grey16.astype(np.int32))}
+    for name, (im, expected) in images.items():
+        im.save(tmp_path / f"{name}.png")
+        if expected is None:
+            p = np.asarray(im.convert("RGB"))
+            expected = p[..., 0].astype(np.int32) + 256 * p[..., 1].astype(np.int32)
+        got = decode_mask(tmp_path / f"{name}.png")
+        assert got.dtype == np.int32 and (got == expected).all(), name
+    Image.fromarray(rgb).save(tmp_path / "jpeg.png", format="JPEG")  # not a PNG despite its name
+    with pytest.raises(ConceptLensError, match=r"cannot read Broden mask .*jpeg.png"):
+        decode_mask(tmp_path / "jpeg.png")

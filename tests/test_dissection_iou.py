@@ -167,3 +167,34 @@ def test_unknown_label_in_mask_is_an_error(tiny, tmp_path):
     broken = read_broden(root)
     with pytest.raises(ConceptLensError, match=r"line 2, column 'part': a mask holds label\(s\) \[300\] not listed in c_part.csv"):
         label_batch(broken, [0], label_columns(broken, "paper"))
+
+
+@pytest.mark.parametrize("h, w, sh, sw", [(7, 7, 112, 112), (4, 5, 9, 13), (5, 3, 16, 10), (9, 11, 5, 7), (6, 6, 6, 6)])
+def test_unit_hits_equal_dense_torch_upsampling(h, w, sh, sw):
+    # the pruned path (pairs, cells, columns skipped by convexity) against upsampling every map
+    # densely with torch; float16-valued maps and thresholds equal to map values make ties at T
+    import torch
+    import torch.nn.functional as F
+
+    from conceptlens.dissection.iou import unit_hits
+
+    rng = np.random.default_rng(h * 100 + sw)
+    maps = rng.normal(size=(6, 9, h, w)).astype(np.float16).astype(np.float32)
+    maps[:, 3] = np.round(maps[:, 3])  # plateaus at the threshold
+    maps[1, 5] = maps[1, 5].max()  # a constant map
+    thr = np.sort(maps.transpose(1, 0, 2, 3).reshape(9, -1), axis=1)[:, int(0.9 * 6 * h * w)]  # T = a map value
+    thr[0] = -0.5  # a negative threshold
+    shapes = np.full((6, 2), (sh, sw))
+    shapes[2] = (sh + 3, sw + 1)  # another mask size in the batch
+    offsets = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])])
+    pair_image, pair_unit, hit_pair, hit_pixel = unit_hits(torch.from_numpy(maps), thr, shapes, offsets)
+    assert len(np.unique(hit_pair * offsets[-1] + hit_pixel)) == len(hit_pair)  # each pixel once
+    got = np.zeros((6, 9, offsets[-1]), dtype=bool)
+    got[pair_image[hit_pair], pair_unit[hit_pair], hit_pixel] = True
+    want = np.zeros_like(got)
+    for b in range(6):
+        up = F.interpolate(torch.from_numpy(maps[b:b + 1]), size=tuple(shapes[b]), mode="bilinear", align_corners=False)[0]
+        keep = maps[b].max(axis=(1, 2)) > thr  # maps never above T are skipped, as in NetDissect-Lite
+        want[b, :, offsets[b]:offsets[b + 1]] = (up.numpy() > thr[:, None, None]).reshape(9, -1) & keep[:, None]
+    np.testing.assert_array_equal(got, want)
+    assert (maps.max(axis=(2, 3)) > thr).sum() == len(pair_unit) < maps.shape[0] * maps.shape[1] and got.any()

@@ -588,14 +588,16 @@ def dissect(
         },
         "methods": {
             "thresholds": methods,
-            "upsample": "bilinear (torch, align_corners=False) from the map to the sh x sw mask grid; unit mask = up > T; "
-                        "maps never above T in an image skipped before upsampling",
+            "upsample": "bilinear (torch's float32 arithmetic, align_corners=False) from the map to the sh x sw mask grid; "
+                        "unit mask = up > T; maps never above T in an image skipped before upsampling, and within a map "
+                        "only cells and columns that can exceed T (convexity) evaluated",
             "rule": ("paper: (category, label) columns; a category's union counts the unit's activation in images annotated "
                      "with it; image-level labels are whole-image masks" if rule == "paper" else
                      "netdissect-lite: label columns in their main category; activation counted for a category where a label "
                      "of it lies under the activated pixels or an image-level label of it is present; iou = I/(A+L-I+1e-10)"),
             "top_images": "spatial max of the unit's map",
-            "tally": "scipy.sparse (unit masks x pixels) @ (pixels x labels), int64 counts",
+            "tally": "(unit masks x pixels) @ (pixels x labels) as a gather of the activated pixels' label columns and "
+                     "one bincount per batch; image-level labels via (unit x image areas) @ (image x labels); int64 counts",
         },
         "timings": timings,
         "version": __version__,
