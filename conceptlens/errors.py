@@ -6,7 +6,7 @@ CLI prints it as one line on stderr and exits with status 2 instead of showing a
 
 import difflib
 
-__all__ = ["ConceptLensError", "closest_names"]
+__all__ = ["ConceptLensError", "closest_names", "did_you_mean"]
 
 
 class ConceptLensError(ValueError):
@@ -21,3 +21,9 @@ def closest_names(name, valid, n=3):
         # Prefix/substring matches help with dotted names such as "layer4" vs "layer4.1.conv2".
         close = [v for v in valid if name in v or v in name][:n]
     return close
+
+
+def did_you_mean(name, valid, n=3):
+    """``"; did you mean 'a', 'b'?"`` for the names of ``valid`` closest to ``name``, or ``""``."""
+    close = closest_names(str(name), valid, n)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .data import Preprocessing
-from .errors import ConceptLensError, closest_names
+from .errors import ConceptLensError, did_you_mean
 
 __all__ = [
     "LoadedModel",
@@ -216,10 +216,7 @@ def _torchvision(rest, num_classes, seed):
     arch, _, weights = rest.partition(":")
     available = torchvision.models.list_models()
     if arch not in available:
-        hint = closest_names(arch, available)
-        raise ConceptLensError(
-            f"torchvision has no architecture {arch!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
-        )
+        raise ConceptLensError(f"torchvision has no architecture {arch!r}{did_you_mean(arch, available)}")
     state = load_state_dict(weights) if weights else None
     kwargs = {}
     if num_classes is not None:
@@ -354,12 +351,8 @@ def validate_layers(model, layers):
     valid_set = set(valid)
     for name in layers:
         if name not in valid_set:
-            hint = closest_names(name, valid)
-            raise ConceptLensError(
-                f"layer {name!r} is not a module of the model"
-                + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
-                + " (list them with `conceptlens layers MODEL`)"
-            )
+            raise ConceptLensError(f"layer {name!r} is not a module of the model{did_you_mean(name, valid)} "
+                                   "(list them with `conceptlens layers MODEL`)")
     if len(set(layers)) != len(layers):
         raise ConceptLensError(f"layers contain duplicates: {layers}")
     return layers

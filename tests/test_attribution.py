@@ -69,7 +69,7 @@ def test_every_method_runs_on_resnet18(method, resnet18):
 def test_bad_names_and_parameters_are_errors_with_suggestions(demo_model, demo_x):
     with pytest.raises(ConceptLensError, match="did you mean 'lrp-epsilon-plus-flat'"):
         attribute(demo_model, demo_x, 0, "lrp-epsilon-plus-flt")
-    with pytest.raises(ConceptLensError, match="no parameter 'n_step'.*did you mean n_steps"):
+    with pytest.raises(ConceptLensError, match="no parameter 'n_step'; did you mean 'n_steps'"):
         attribute(demo_model, demo_x, 0, "integrated-gradients", n_step=4)
     with pytest.raises(ConceptLensError, match="layer 'relu9'.*did you mean"):
         attribute(demo_model, demo_x, 0, "gradcam", layer="relu9")

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConceptLensError, closest_names
+from ..errors import ConceptLensError, did_you_mean
+from ..models import validate_layers
 
 __all__ = ["Method", "METHODS", "attribute", "list_methods", "method_info", "auto_layer"]
 
@@ -86,11 +87,9 @@ class Method:
         valid = {**_COMMON, **self.params}
         unknown = [k for k in given if k not in valid]
         if unknown:
-            hint = closest_names(unknown[0], valid)
             raise ConceptLensError(
-                f"attribution method {self.name!r} has no parameter {unknown[0]!r}"
-                + (f" (did you mean {', '.join(hint)}?)" if hint else "")
-                + f"; its parameters are {', '.join(sorted(valid))}"
+                f"attribution method {self.name!r} has no parameter {unknown[0]!r}{did_you_mean(unknown[0], valid)}"
+                f" (its parameters: {', '.join(sorted(valid))})"
             )
         out = {**valid, **given}
         if out["reduce"] is None:
@@ -185,15 +184,8 @@ def auto_layer(model, x):
 def _resolve_layer(module, x, layer):
     if layer in (None, "auto"):
         layer = auto_layer(module, x)
-    names = dict(module.named_modules())
-    if layer not in names or not layer:
-        hint = closest_names(str(layer), [n for n in names if n])
-        raise ConceptLensError(
-            f"layer {layer!r} is not a module of the model"
-            + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
-            + " (list them with `conceptlens layers MODEL`)"
-        )
-    return names[layer]
+    validate_layers(module, [str(layer)])
+    return module.get_submodule(str(layer))
 
 
 def _baseline(x, baseline):
@@ -466,11 +458,7 @@ def method_info(name):
     """The :class:`Method` called ``name``; an unknown name raises with the closest valid names."""
     if name in METHODS:
         return METHODS[name]
-    hint = closest_names(str(name), list(METHODS))
-    raise ConceptLensError(
-        f"unknown attribution method {name!r}" + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
-        + f" (valid: {', '.join(METHODS)})"
-    )
+    raise ConceptLensError(f"unknown attribution method {name!r}{did_you_mean(name, METHODS)} (valid: {', '.join(METHODS)})")
 
 
 def list_methods():

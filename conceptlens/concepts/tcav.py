@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import Manifest, make_loader
-from ..errors import ConceptLensError, closest_names
+from ..errors import ConceptLensError, did_you_mean
 from ..models import load_model, validate_layers
 from ..representation.extract import iter_activations, iter_gradients
 from . import stats
@@ -103,11 +103,7 @@ def load_concept_sets(source, names=None):
     if names is not None:
         for n in names:
             if n not in sets:
-                hint = closest_names(n, sets)
-                raise ConceptLensError(
-                    f"concept {n!r} is not in {origin}" + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
-                    + f" (available: {', '.join(sets)})"
-                )
+                raise ConceptLensError(f"concept {n!r} is not in {origin}{did_you_mean(n, sets)} (available: {', '.join(sets)})")
         sets = {n: sets[n] for n in names}
     for n, paths in sets.items():
         if not paths:
@@ -288,11 +284,8 @@ class TCAVResult:
             for value, column in ((concept, "concept"), (cls, "class")):
                 known = sorted(t[column].unique())
                 if value not in known:
-                    hint = closest_names(value, known)
-                    raise ConceptLensError(
-                        f"audit pair {concept}:{cls}: {column} {value!r} was not tested"
-                        + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "") + f" (tested: {', '.join(known)})"
-                    )
+                    raise ConceptLensError(f"audit pair {concept}:{cls}: {column} {value!r} was not tested"
+                                           f"{did_you_mean(value, known)} (tested: {', '.join(known)})")
             sub = t[(t["concept"] == concept) & (t["class"] == cls)]
             sig = sub[sub["significant"]]
             valid = sub[sub["cav_ok"]]

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..errors import ConceptLensError, closest_names
+from ..errors import ConceptLensError, did_you_mean
 
 __all__ = ["BrodenRecord", "write_broden", "encode_mask", "decode_mask", "INDEX_COLUMNS", "BrodenSet", "read_broden"]
 
@@ -601,11 +601,7 @@ def read_broden(directory, categories=None):
             raise ConceptLensError(f"the `categories` parameter of read_broden must name at least one of {all_cats}; got none")
         for c in cats:
             if c not in all_cats:
-                hint = closest_names(c, all_cats)
-                raise ConceptLensError(
-                    f"category {c!r} is not in {cat_path} (it lists {', '.join(all_cats)})"
-                    + (f"; did you mean {hint[0]!r}?" if hint else "")
-                )
+                raise ConceptLensError(f"category {c!r} is not in {cat_path}{did_you_mean(c, all_cats, 1)} (it lists {', '.join(all_cats)})")
         cats = [c for c in all_cats if c in cats]
 
     index_path = root / "index.csv"

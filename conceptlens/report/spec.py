@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConceptLensError, closest_names
+from ..errors import ConceptLensError, did_you_mean
 
 try:  # Python >= 3.11
     import tomllib
@@ -193,12 +193,8 @@ def _convert(value, kind, where, base):
 
 
 def _unknown(source, table, key, valid):
-    hint = closest_names(key, valid)
     where = f"table [{table}]" if table else "the top level"
-    return ConceptLensError(
-        f"{source}: unknown key {key!r} in {where}"
-        + (f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(valid)}")
-    )
+    return ConceptLensError(f"{source}: unknown key {key!r} in {where}" + (did_you_mean(key, valid, 1) or f"; valid keys: {', '.join(valid)}"))
 
 
 def load_spec(path):
@@ -247,9 +243,7 @@ def validate_spec(spec):
     source = spec.path or "report spec"
     bad = [s for s in spec.sections if s not in SECTIONS]
     if bad:
-        hint = closest_names(bad[0], SECTIONS)
-        raise ConceptLensError(f"{source}: unknown section {bad[0]!r}; valid: {', '.join(SECTIONS)}"
-                               + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise ConceptLensError(f"{source}: unknown section {bad[0]!r}{did_you_mean(bad[0], SECTIONS, 1)} (valid: {', '.join(SECTIONS)})")
     if not spec.layers:
         raise ConceptLensError(f"{source}: [layers] names must list at least one layer")
     if spec.embed_method not in _EMBED_METHODS:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..errors import ConceptLensError, closest_names
+from ..errors import ConceptLensError, did_you_mean
 from .store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -37,22 +37,16 @@ def check_layers(store, layers, param="layers"):
         raise ConceptLensError(f"the {param} parameter must name at least one layer of store {store.path} ({', '.join(store.layers)})")
     for layer in layers:
         if layer not in store.layers:
-            hint = closest_names(layer, store.layers)
-            raise ConceptLensError(
-                f"layer {layer!r} is not in store {store.path}; it holds {', '.join(store.layers)}"
-                + (f" - did you mean {', '.join(map(repr, hint))}?" if hint else "")
-            )
+            raise ConceptLensError(f"layer {layer!r} is not in store {store.path}{did_you_mean(layer, store.layers)} "
+                                   f"(it holds {', '.join(store.layers)})")
     return layers
 
 
 def check_column(frame, column, param, where):
     """Raise unless ``column`` is a column of ``frame``."""
     if column not in frame.columns:
-        hint = closest_names(column, frame.columns)
-        raise ConceptLensError(
-            f"the {param} parameter names column {column!r}, which {where} does not have (columns: "
-            f"{', '.join(frame.columns)})" + (f" - did you mean {', '.join(map(repr, hint))}?" if hint else "")
-        )
+        raise ConceptLensError(f"the {param} parameter names column {column!r}, which {where} does not have"
+                               f"{did_you_mean(column, frame.columns)} (columns: {', '.join(frame.columns)})")
 
 
 def layer_features(store, layer):

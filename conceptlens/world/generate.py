@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..dissection.broden import BrodenRecord, write_broden
-from ..errors import ConceptLensError, closest_names
+from ..errors import ConceptLensError, did_you_mean
 from . import shapes as S
 
 __all__ = ["WorldConfig", "World", "generate_world", "PRESETS", "MANIFEST_COLUMNS"]
@@ -230,8 +230,7 @@ def _validate(cfg):
     if not isinstance(cfg, WorldConfig):
         raise ConceptLensError(f"the `config` parameter of generate_world must be a WorldConfig; got {type(cfg).__name__}")
     if cfg.preset not in PRESETS:
-        hint = closest_names(str(cfg.preset), PRESETS)
-        raise _bad("preset", f"one of {list(PRESETS)}", cfg.preset, f" -- did you mean {hint[0]!r}?" if hint else "")
+        raise _bad("preset", f"one of {list(PRESETS)}", cfg.preset, did_you_mean(cfg.preset, PRESETS, 1))
     preset = PRESETS[cfg.preset]
     classes = preset["classes"]
     values = dict(
@@ -247,9 +246,8 @@ def _validate(cfg):
         mask_scale=_int(cfg, "mask_scale", 1),
     )
     if cfg.tag_class not in classes:
-        hint = closest_names(str(cfg.tag_class), classes)
         raise _bad("tag_class", f"a class of the {cfg.preset!r} preset {list(classes)}", cfg.tag_class,
-                   f" -- did you mean {hint[0]!r}?" if hint else "")
+                   did_you_mean(cfg.tag_class, classes, 1))
     if not isinstance(cfg.subclass, (bool, np.bool_)):
         raise _bad("subclass", "True or False", cfg.subclass)
     if values["size"] // values["mask_scale"] < 4:
@@ -603,11 +601,7 @@ def generate_world(out_dir, config=None, *, progress=None, **overrides):
     fields = [f.name for f in dataclasses.fields(WorldConfig)]
     for key in overrides:
         if key not in fields:
-            hint = closest_names(key, fields)
-            raise ConceptLensError(
-                f"generate_world got an unknown parameter {key!r}; valid: {', '.join(fields)}"
-                + (f" -- did you mean {hint[0]!r}?" if hint else "")
-            )
+            raise ConceptLensError(f"generate_world got an unknown parameter {key!r}{did_you_mean(key, fields, 1)} (valid: {', '.join(fields)})")
     cfg = _validate(dataclasses.replace(base, **overrides))
 
     out = Path(out_dir)
