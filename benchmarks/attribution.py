@@ -10,8 +10,9 @@ Figures:
   loop of calls, one per image, method and order, so every perturbation step is a batch-1 forward)
   divided by one call over all images, methods and orders (target >= 5); same maps, patches and
   steps; the curves must agree (checked). On a CPU the ratio is bounded by how much better the
-  convolutions run at batch 128 than at batch 1; it is large on a GPU and on a contended CPU, and
-  can be near 1 on idle CPU cores with this small CNN (see the load average printed).
+  demo CNN runs per image at batch 32 (the default chunk; channels-last images on both sides)
+  than at batch 1: about 3x for the forward alone on 2 cores, plus the per-call work the loop
+  repeats; it is large on a GPU and swings with other load on a shared CPU (load average printed).
 * ``attribution_ms_per_image_<method>``: milliseconds per image of :func:`attribute` for each method
   at its default settings (batch 32).
 

@@ -79,6 +79,27 @@ def test_gradient_aopc_beats_a_random_map(demo_model, test_set, tmp_path):
     assert set(res.to_frame().columns) == {"method", "order", "step", "fraction", "score", "drop"}
 
 
+def test_a_model_without_convolutions_gets_contiguous_images():
+    # Conv nets get channels-last images; a model that .view()s its input must still get NCHW ones.
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(3 * 20 * 20, 3)
+
+    class ViewNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = fc
+
+        def forward(self, x):
+            return self.fc(x.view(len(x), -1))
+
+    x, maps = torch.randn(3, 3, 20, 20), torch.randn(3, 20, 20)
+    res = region_perturbation(ViewNet(), x, 1, maps, patch=8, steps=5, baseline="mean", orders=["morf"], batch_size=2)
+    for i in range(3):
+        base = x[i].mean(dim=(1, 2), keepdim=True).expand_as(x[i])
+        ref = _reference_curve(ViewNet(), x[i], 1, maps[i].numpy(), 8, 5, "morf", base)
+        np.testing.assert_allclose(res.curves[0, 0, i], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_uniform_baseline_is_seeded(demo_model, test_set):
     x, y = test_set[0][:2], test_set[1][:2]
     maps = attribute(demo_model, x, y, "saliency")
