@@ -127,3 +127,17 @@ def test_ties_rank_lower_row_first():
     acc(torch.tensor([3, 4]), {"l": torch.tensor([[2.0], [5.0]])})
     t = acc.result().top("l", 0)
     assert list(t["manifest_row"]) == [4, 1, 2]
+
+
+def test_order_key_matches_stable_sorts_on_negatives_zeros_and_ties():
+    from conceptlens.representation.topk import _top_indices
+
+    rng = np.random.default_rng(0)
+    values = np.array([-np.inf, -3.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.5, np.inf], dtype=np.float32)
+    scores = torch.from_numpy(rng.choice(values, size=(60, 7)))
+    rows = torch.from_numpy(np.stack([rng.permutation(1000)[:60] for _ in range(7)], axis=1))
+    got = _top_indices(scores, rows, 9)
+    for c in range(7):
+        # Reference: descending score (-0.0 == 0.0), ties by ascending row.
+        ref = sorted(range(60), key=lambda i: (-float(scores[i, c]), int(rows[i, c])))[:9]
+        assert got[:, c].tolist() == ref

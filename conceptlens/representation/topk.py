@@ -34,25 +34,27 @@ COLUMNS = ["layer", "channel", "rank", "manifest_row", "image", "label", "score"
 
 
 def _score_maps(out, score):
-    """``[B, C]`` scores and ``[B, C]`` flat argmax positions (-1 for vector outputs)."""
+    """``[B, C]`` scores, the ``[B, C, H*W]`` maps (None for vector outputs) and the map size."""
     out = out.float()
     if out.dim() == 2:
-        s = out if score == "max" else out.clamp_min(0)
-        return s, torch.full_like(s, -1, dtype=torch.long), (1, 1)
+        return (out if score == "max" else out.clamp_min(0)), None, (1, 1)
     if out.dim() != 4:
         raise ConceptLensError(f"top-k needs [B, C] or [B, C, H, W] outputs; got shape {tuple(out.shape)}")
     flat = out.flatten(2)
-    mx, arg = flat.max(dim=2)
-    s = mx if score == "max" else flat.clamp_min(0).mean(dim=2)
-    return s, arg, tuple(out.shape[2:])
+    s = flat.amax(dim=2) if score == "max" else flat.clamp_min(0).mean(dim=2)
+    return s, flat, tuple(out.shape[2:])
 
 
-def _select(scores, rows, locs, k):
-    """Keep the k best per column: descending score, ties by ascending row (two stable sorts)."""
-    by_row = torch.sort(rows, dim=0, stable=True).indices
-    scores, rows, locs = (t.gather(0, by_row) for t in (scores, rows, locs))
-    order = torch.sort(scores, dim=0, descending=True, stable=True).indices[:k]
-    return scores.gather(0, order), rows.gather(0, order), locs.gather(0, order)
+def _top_indices(scores, rows, k):
+    """Per column, the indices of the k best entries: descending score, ties by ascending row.
+
+    One ``topk`` over an exact int64 key (order-preserving integer image of the float32 score in
+    the high half, ``2**31 - 1 - row`` in the low half) instead of two stable sorts.
+    """
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # negative floats: flip magnitude bits
+    key = ordered * (1 << 32) + ((1 << 31) - 1 - rows.long())
+    return key.topk(min(k, len(key)), dim=0).indices
 
 
 class TopK:
@@ -85,19 +87,28 @@ class TopK:
         for layer, out in raw.items():
             if self.layers is not None and layer not in self.layers:
                 continue
-            s, loc, hw = _score_maps(out.detach(), self.score)
-            r = rows.to(s.device)[:, None].expand_as(s)
-            self._push(layer, s, r, loc, hw)
+            s, maps, hw = _score_maps(out.detach(), self.score)
+            self._push(layer, s, rows.to(s.device)[:, None].expand_as(s), hw, maps=maps)
         self.n_seen += len(rows)
 
-    def _push(self, layer, s, r, loc, hw):
+    def _push(self, layer, s, r, hw, loc=None, maps=None):
+        """Fold scores ``s`` and rows ``r`` (``[n, C]``) into the state; locations are ``loc``, or
+        the argmax of ``maps`` (``[n, C, H*W]``) computed for the entries kept only."""
         if layer in self.shapes and self.shapes[layer] != tuple(hw):
             raise ConceptLensError(f"layer {layer!r} changed its map size from {self.shapes[layer]} to {tuple(hw)} between batches")
         self.shapes[layer] = tuple(hw)
+        loc = torch.full_like(s, -1, dtype=torch.long) if loc is None else loc
+        n_old = 0
         if layer in self.state:
             old = self.state[layer]
+            n_old = len(old[0])
             s, r, loc = (torch.cat([a.to(b.device), b]) for a, b in zip(old, (s, r, loc)))
-        self.state[layer] = _select(s, r, loc, self.k)
+        idx = _top_indices(s, r, self.k)
+        s, r, loc = s.gather(0, idx), r.gather(0, idx), loc.gather(0, idx)
+        if maps is not None:
+            new = idx >= n_old
+            loc[new] = maps[(idx - n_old)[new], torch.nonzero(new)[:, 1]].argmax(dim=1)
+        self.state[layer] = (s, r, loc)
 
     def merge(self, other):
         """A new accumulator holding the top-k of both (same ``k`` and ``score``)."""
@@ -106,7 +117,7 @@ class TopK:
         out = TopK(self.k, self.score, self.layers)
         for acc in (self, other):
             for layer, (s, r, loc) in acc.state.items():
-                out._push(layer, s, r, loc, acc.shapes[layer])
+                out._push(layer, s, r, acc.shapes[layer], loc=loc)
         out.n_seen = self.n_seen + other.n_seen
         return out
 
@@ -258,9 +269,9 @@ def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
                 "extract with --pool none, or pass --model/--data so top-k runs during extraction"
             )
         for start, arr in store.iter_chunks(layer, chunk_rows):
-            s, loc, hw = _score_maps(torch.from_numpy(arr), score)
+            s, maps, hw = _score_maps(torch.from_numpy(arr), score)
             r = torch.from_numpy(mrow[start:start + len(arr)].copy())[:, None].expand_as(s)
-            acc._push(layer, s, r, loc, hw)
+            acc._push(layer, s, r, hw, maps=maps)
     acc.n_seen = store.n_rows
     prov = store_provenance(store)
     return acc.result(store.rows, prov, {"layers": layers, "source": "store"})
