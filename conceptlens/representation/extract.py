@@ -130,8 +130,9 @@ def iter_activations(model, batches, layers, pool="mean", keep_raw=False):
     """Yield ``(rows, pooled, raw)`` per batch of ``batches`` (iterable of ``(rows, images)``).
 
     ``pooled`` maps each layer to its pooled output (detached, on the model's device); ``raw`` maps
-    each layer to its unpooled output when ``keep_raw`` (for streaming statistics such as top-k
-    images), else is empty. The forward pass stops after the last requested layer has run; the
+    each layer to its unpooled output when ``keep_raw`` is True (for streaming statistics such as
+    top-k images), to ``keep_raw(layer, output)`` when it is a callable (evaluated inside the
+    forward hook, so no copy of the map outlives it), else is empty. The forward pass stops after the last requested layer has run; the
     first batch runs the whole model to check that each layer runs exactly once.
     """
     model, module, device = _model_and_device(model)
@@ -143,6 +144,8 @@ def iter_activations(model, batches, layers, pool="mean", keep_raw=False):
         pooled = pool_activations(out, pool, name)
         if pooled is out:
             pooled = out.clone()  # downstream in-place ops (ReLU(inplace=True)) would change it
+        if callable(keep_raw):
+            return (pooled, keep_raw(name, out)), None
         return (pooled, out.clone() if keep_raw else None), None
 
     capture = _Capture(layers, transform, stop_early=False)
@@ -278,7 +281,9 @@ def extract(
         Defaults to the model's, updated by the manifest's TOML sidecar.
     observers : sequence of callables
         Each is called as ``observer(rows, raw)`` per batch with the unpooled outputs
-        (``{layer: Tensor}``), for streaming statistics computed without another forward pass.
+        (``{layer: Tensor}``), for streaming statistics computed without another forward pass. An
+        observer with a ``reduce(layer, output)`` method gets ``{layer: reduce(layer, output)}``
+        instead, computed inside the forward hook (no copy of the maps is kept).
     skip_bad : bool
         Skip unreadable images (recorded in the store's ``skipped``) instead of failing.
 
@@ -375,9 +380,13 @@ def write_batches(model, batches, layers, writer, pool, dtype, observers=(), pro
     n_total = writer.n_manifest_rows
     reported = 0
     bar = tqdm(total=n_total, initial=writer.rows_completed, desc="extract", unit="img", disable=not progress)
-    for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=bool(observers)):
-        for observer in observers:
-            observer(rows, raw)
+    observers = list(observers)
+    keep = bool(observers)
+    if observers and all(hasattr(o, "reduce") for o in observers):
+        keep = lambda name, out: [o.reduce(name, out) for o in observers]  # noqa: E731
+    for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=keep):
+        for i, observer in enumerate(observers):
+            observer(rows, raw if keep is True else {n: r[i] for n, r in raw.items()})
         if writer.meta is None:
             writer.create({n: tuple(t.shape[1:]) for n, t in pooled.items()}, dtype)
         arrays = {n: t.to("cpu", getattr(torch, dtype)).numpy() for n, t in pooled.items()}

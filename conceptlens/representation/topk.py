@@ -81,34 +81,44 @@ class TopK:
         self.shapes = {}  # layer -> (H, W)
         self.n_seen = 0
 
+    def reduce(self, layer, out):
+        """What one batch's output of ``layer`` contributes: ``(scores, locations, map size)``.
+
+        Called by :func:`~conceptlens.representation.extract.extract` inside the forward hook, so
+        the maps need no copy. Locations (argmax) are computed only where the score can still
+        enter the top-k (at or above the channel's current k-th best); the rest are -1.
+        """
+        if self.layers is not None and layer not in self.layers:
+            return None
+        s, maps, hw = _score_maps(out.detach(), self.score)
+        loc = torch.full_like(s, -1, dtype=torch.long)
+        if maps is not None:
+            old = self.state.get(layer)
+            live = s >= old[0][-1] if old is not None and len(old[0]) == self.k else torch.ones_like(s, dtype=torch.bool)
+            loc[live] = maps[live].argmax(dim=1)
+        return s, loc, hw
+
     def __call__(self, rows, raw):
-        """Update with one batch: ``rows`` (manifest row indices), ``raw`` ``{layer: Tensor}``."""
+        """Update with one batch: ``rows`` (manifest row indices) and ``raw``, ``{layer: Tensor}``
+        unpooled outputs or ``{layer: reduce(layer, output)}``."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         for layer, out in raw.items():
-            if self.layers is not None and layer not in self.layers:
+            reduced = self.reduce(layer, out) if torch.is_tensor(out) else out
+            if reduced is None:
                 continue
-            s, maps, hw = _score_maps(out.detach(), self.score)
-            self._push(layer, s, rows.to(s.device)[:, None].expand_as(s), hw, maps=maps)
+            s, loc, hw = reduced
+            self._push(layer, s, rows.to(s.device)[:, None].expand_as(s), hw, loc=loc)
         self.n_seen += len(rows)
 
-    def _push(self, layer, s, r, hw, loc=None, maps=None):
-        """Fold scores ``s`` and rows ``r`` (``[n, C]``) into the state; locations are ``loc``, or
-        the argmax of ``maps`` (``[n, C, H*W]``) computed for the entries kept only."""
+    def _push(self, layer, s, r, hw, loc):
+        """Fold scores ``s``, rows ``r`` and locations ``loc`` (``[n, C]``) into the state."""
         if layer in self.shapes and self.shapes[layer] != tuple(hw):
             raise ConceptLensError(f"layer {layer!r} changed its map size from {self.shapes[layer]} to {tuple(hw)} between batches")
         self.shapes[layer] = tuple(hw)
-        loc = torch.full_like(s, -1, dtype=torch.long) if loc is None else loc
-        n_old = 0
         if layer in self.state:
-            old = self.state[layer]
-            n_old = len(old[0])
-            s, r, loc = (torch.cat([a.to(b.device), b]) for a, b in zip(old, (s, r, loc)))
+            s, r, loc = (torch.cat([a.to(b.device), b]) for a, b in zip(self.state[layer], (s, r, loc)))
         idx = _top_indices(s, r, self.k)
-        s, r, loc = s.gather(0, idx), r.gather(0, idx), loc.gather(0, idx)
-        if maps is not None:
-            new = idx >= n_old
-            loc[new] = maps[(idx - n_old)[new], torch.nonzero(new)[:, 1]].argmax(dim=1)
-        self.state[layer] = (s, r, loc)
+        self.state[layer] = (s.gather(0, idx), r.gather(0, idx), loc.gather(0, idx))
 
     def merge(self, other):
         """A new accumulator holding the top-k of both (same ``k`` and ``score``)."""
@@ -269,9 +279,9 @@ def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
                 "extract with --pool none, or pass --model/--data so top-k runs during extraction"
             )
         for start, arr in store.iter_chunks(layer, chunk_rows):
-            s, maps, hw = _score_maps(torch.from_numpy(arr), score)
+            s, loc, hw = acc.reduce(layer, torch.from_numpy(arr))
             r = torch.from_numpy(mrow[start:start + len(arr)].copy())[:, None].expand_as(s)
-            acc._push(layer, s, r, hw, maps=maps)
+            acc._push(layer, s, r, hw, loc)
     acc.n_seen = store.n_rows
     prov = store_provenance(store)
     return acc.result(store.rows, prov, {"layers": layers, "source": "store"})
