@@ -336,7 +336,9 @@ def unit_hits(maps, thresholds, shapes, offsets):
             k, i = np.divmod(np.flatnonzero(up > t[s, None]), up.shape[1])
             hit_pair.append(pair[s][k])
             hit_pixel.append(base[s][k] + (starts[r] + i) * sw)
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    def cat(parts):
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     return pair_image.astype(np.int64), pair_unit.astype(np.int64), cat(hit_pair), cat(hit_pixel)
 
 

@@ -383,7 +383,8 @@ def write_batches(model, batches, layers, writer, pool, dtype, observers=(), pro
     observers = list(observers)
     keep = bool(observers)
     if observers and all(hasattr(o, "reduce") for o in observers):
-        keep = lambda name, out: [o.reduce(name, out) for o in observers]  # noqa: E731
+        def keep(name, out):  # inside the forward hook: each observer's summary of the map
+            return [o.reduce(name, out) for o in observers]
     for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=keep):
         for i, observer in enumerate(observers):
             observer(rows, raw if keep is True else {n: r[i] for n, r in raw.items()})
