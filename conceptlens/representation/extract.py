@@ -132,8 +132,9 @@ def iter_activations(model, batches, layers, pool="mean", keep_raw=False):
     ``pooled`` maps each layer to its pooled output (detached, on the model's device); ``raw`` maps
     each layer to its unpooled output when ``keep_raw`` is True (for streaming statistics such as
     top-k images), to ``keep_raw(layer, output)`` when it is a callable (evaluated inside the
-    forward hook, so no copy of the map outlives it), else is empty. The forward pass stops after the last requested layer has run; the
-    first batch runs the whole model to check that each layer runs exactly once.
+    forward hook, so no copy of the map outlives it), else is empty. The forward pass stops after
+    the last requested layer has run; the first batch runs the whole model to check that each
+    layer runs exactly once.
     """
     model, module, device = _model_and_device(model)
     layers = validate_layers(module, layers)
@@ -381,13 +382,13 @@ def write_batches(model, batches, layers, writer, pool, dtype, observers=(), pro
     reported = 0
     bar = tqdm(total=n_total, initial=writer.rows_completed, desc="extract", unit="img", disable=not progress)
     observers = list(observers)
-    keep = bool(observers)
-    if observers and all(hasattr(o, "reduce") for o in observers):
-        def keep(name, out):  # inside the forward hook: each observer's summary of the map
-            return [o.reduce(name, out) for o in observers]
-    for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=keep):
+
+    def keep(name, out):  # inside the forward hook: what each observer keeps of the map
+        return [o.reduce(name, out) if hasattr(o, "reduce") else out.clone() for o in observers]
+
+    for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=keep if observers else False):
         for i, observer in enumerate(observers):
-            observer(rows, raw if keep is True else {n: r[i] for n, r in raw.items()})
+            observer(rows, {n: r[i] for n, r in raw.items()})
         if writer.meta is None:
             writer.create({n: tuple(t.shape[1:]) for n, t in pooled.items()}, dtype)
         arrays = {n: t.to("cpu", getattr(torch, dtype)).numpy() for n, t in pooled.items()}

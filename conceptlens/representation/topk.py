@@ -326,6 +326,6 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
         acc = TopK(k, score)
     batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
     batches = tqdm(batches, desc="topk", unit="batch", disable=not progress)
-    for rows, _, raw in iter_activations(model, batches, layers, pool="mean", keep_raw=True):
+    for rows, _, raw in iter_activations(model, batches, layers, pool="mean", keep_raw=acc.reduce):
         acc(rows, raw)
     return acc.result(manifest, prov, {"layers": list(layers), "source": "forward pass"})
