@@ -7,6 +7,7 @@ source files that produce them, so a re-run reuses them and a code change rebuil
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +34,18 @@ def _source_hash(*parts):
 
 
 def _cached(name, key, build):
-    """Build into a temp dir and rename, so an interrupted build is never mistaken for a cache hit."""
+    """Build into a private temp dir and rename, so an interrupted build is never mistaken for a
+    cache hit and two test processes building at once do not trample each other."""
     target = CACHE / f"{name}-{key}"
     if not (target / ".done").exists():
-        shutil.rmtree(target, ignore_errors=True)
-        tmp = CACHE / f"{name}-{key}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}-{key}.partial-", dir=CACHE))
         build(tmp)
         (tmp / ".done").write_text("ok")
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
