@@ -46,19 +46,14 @@ def _add_data_args(p, required=True):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted and listed) instead of failing")
-    p.add_argument("--resize", type=int, default=None, help="resize the shorter side to N pixels (default: the model's)")
+    p.add_argument("--resize", type=int, default=None, help="resize the shorter side to N pixels (0: no resize; default: the model's)")
     p.add_argument("--crop", type=int, default=None, help="centre crop to N x N (0: no crop; default: the model's)")
     p.add_argument("--mean", type=_floats3, default=None, help="normalisation mean R,G,B (default: the model's)")
     p.add_argument("--std", type=_floats3, default=None, help="normalisation std R,G,B (default: the model's)")
 
 
 def _preprocessing(args, model, manifest):
-    import dataclasses
-
-    prep = manifest.resolve_preprocessing(model.preprocessing, resize=args.resize, mean=args.mean, std=args.std)
-    if args.crop is not None:
-        prep = dataclasses.replace(prep, crop=args.crop or None)
-    return prep
+    return model.preprocessing_for(manifest, resize=args.resize, crop=args.crop, mean=args.mean, std=args.std)
 
 
 def _cmd_world(args):
@@ -372,7 +367,8 @@ def build_parser():
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes")
     p.add_argument("model", help="model spec (see `conceptlens extract --help`)")
-    p.add_argument("--input-size", type=int, default=224, help="square input side for the shape trace (default 224)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="square input side for the shape trace (default: the size an exported program fixes, else 224)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_layers)
@@ -533,18 +529,25 @@ def main(argv=None):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     root = logging.getLogger()
+    # Restored on return, so `main()` called in-process (tests, notebooks) leaves logging as it was.
+    saved = root.handlers[:], root.level
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.captureWarnings(True)
-    warnings.simplefilter("default")
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            args.func(args)
     except ConceptLensError as exc:
         print(f"conceptlens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("conceptlens: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.captureWarnings(False)
     return 0
 
 

@@ -29,7 +29,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Preprocessing", "Manifest", "ImageDataset", "BadImage", "make_loader", "load_images"]
+__all__ = ["Preprocessing", "partial_preprocessing", "Manifest", "ImageDataset", "BadImage", "make_loader", "load_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Preprocessing:
     crop: int | None = None
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    source: str = field(default="given", compare=False)
+    """Where each value came from, for logs and error messages (not part of equality)."""
 
     def __post_init__(self):
         for name in ("resize", "crop"):
@@ -79,24 +81,18 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d, source="preprocessing"):
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConceptLensError(
-                f"{source}: unknown preprocessing keys {sorted(unknown)}; "
-                "expected resize, crop, mean, std"
-            )
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+        """From a sidecar table; ``resize``/``crop`` of ``0``, ``false`` or ``"none"`` mean none."""
+        return cls(**partial_preprocessing(d, source), source=source)
 
     def to_dict(self):
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
 
-    def updated(self, **overrides):
-        """Copy with the given fields replaced; ``None`` values in ``overrides`` are ignored."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+    def describe(self):
+        """One line for logs: the values and where they came from."""
+        mean = ", ".join(f"{m:g}" for m in self.mean)
+        std = ", ".join(f"{s:g}" for s in self.std)
+        return (f"resize {self.resize or 'none'}, crop {self.crop or 'none'}, mean ({mean}), std ({std}) "
+                f"[{self.source}]")
 
     def transform(self):
         steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
@@ -143,7 +139,7 @@ class Manifest:
                 prep = tomllib.loads(sidecar.read_text()).get("preprocessing", {})
             except tomllib.TOMLDecodeError as exc:
                 raise ConceptLensError(f"manifest sidecar {sidecar} is not valid TOML: {exc}") from None
-            Preprocessing.from_dict(prep, source=str(sidecar))  # validate early
+            partial_preprocessing(prep, source=str(sidecar))  # validate early
         return cls(path=path.resolve(), frame=frame.reset_index(drop=True), preprocessing=prep)
 
     @classmethod
@@ -179,10 +175,6 @@ class Manifest:
         """A manifest of the rows where ``mask`` holds, keeping the same root and sidecar."""
         return dataclasses.replace(self, frame=self.frame[np.asarray(mask)].reset_index(drop=True))
 
-    def resolve_preprocessing(self, default, **overrides):
-        """Model default, then this manifest's sidecar, then explicit overrides (None = unset)."""
-        prep = dataclasses.replace(default, **_sidecar_fields(self.preprocessing))
-        return prep.updated(**overrides)
 
     def content_hash(self):
         """Hash of the rows and of each image file's path, size and mtime.
@@ -202,11 +194,32 @@ class Manifest:
         return h.hexdigest()
 
 
-def _sidecar_fields(d):
-    out = dict(d)
-    for key in ("mean", "std"):
-        if key in out:
-            out[key] = tuple(out[key])
+def partial_preprocessing(d, source="preprocessing"):
+    """Validate a (possibly partial) preprocessing table: known keys, "none" spelled as ``None``.
+
+    TOML has no null, so ``resize``/``crop`` accept ``0``, ``false`` or ``"none"`` for "no resize" /
+    "no crop"; JSON may also use ``null``.
+    """
+    names = ("resize", "crop", "mean", "std")
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ConceptLensError(f"{source}: unknown preprocessing keys {sorted(unknown)}; expected resize, crop, mean, std")
+    out = {}
+    for key, value in d.items():
+        if key in ("resize", "crop"):
+            if value is None or value is False or (type(value) is int and value == 0) or str(value).lower() == "none":
+                value = None
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConceptLensError(
+                    f"{source}: preprocessing {key} must be a positive integer, or 0 / false / \"none\" for no {key}; "
+                    f"got {value!r}"
+                )
+        else:
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConceptLensError(f"{source}: preprocessing {key} must be 3 numbers (R, G, B); got {value!r}") from None
+        out[key] = value
     return out
 
 

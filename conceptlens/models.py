@@ -15,10 +15,16 @@ A model spec is a string:
 Weights are plain state dicts read with ``torch.load(weights_only=True)``. Any weights file may have
 a JSON sidecar ``<weights>.json`` with ``classes`` (list of names in logit order) and
 ``preprocessing`` (``resize``, ``crop``, ``mean``, ``std``).
+
+Preprocessing is never guessed: the demo model's comes from its sidecar, torchvision architectures
+default to torchvision's ImageNet evaluation transform, and a ``python:``/``export:`` model without a
+sidecar has none until the manifest's TOML sidecar, flags or the caller give at least ``mean`` and
+``std`` (an exported program with a fixed input size supplies the size itself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -33,9 +39,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 
-from .data import Preprocessing
+from .data import Preprocessing, partial_preprocessing
 from .errors import ConceptLensError, did_you_mean
 
 __all__ = [
@@ -64,18 +71,87 @@ class LoadedModel:
         The model spec it was loaded from.
     weights_hash : str
         SHA-256 over the state dict's names, shapes and bytes (identifies the actual weights).
-    preprocessing : Preprocessing
-        The model's default preprocessing.
+    preprocessing : Preprocessing or None
+        The model's default preprocessing; ``None`` when nothing says what the model expects (a
+        ``python:``/``export:`` spec without a sidecar): see :meth:`preprocessing_for`.
     classes : list of str or None
         Class names in logit order, when known (demo model or a sidecar).
+    input_size : tuple of int or None
+        ``(height, width)`` the model requires (an exported program without dynamic spatial
+        dimensions); ``None`` when any size runs.
+    sidecar : Path or None
+        Where the model's JSON sidecar is or would be (named in error messages).
     """
 
     module: nn.Module = field(repr=False)
     spec: str
     weights_hash: str
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None
     classes: list | None
     device: torch.device
+    input_size: tuple | None = None
+    sidecar: Path | None = None
+
+    def preprocessing_for(self, manifest=None, preprocessing=None, **overrides):
+        """The preprocessing in force for ``manifest``'s images, checked against the model.
+
+        ``preprocessing`` (a :class:`~conceptlens.data.Preprocessing`) is used as given; otherwise the
+        model's default is updated by the manifest's TOML sidecar, then by ``overrides``
+        (``resize``, ``crop``, ``mean``, ``std``; ``None`` = unset, ``0`` = no resize / no crop).
+        A model without a default needs ``mean`` and ``std`` from one of those; an exported program
+        with a fixed input size gives the size. The result is logged at INFO.
+
+        Raises
+        ------
+        ConceptLensError
+            When nothing says how the model's inputs are normalised, or the images would not come
+            out at the size the model requires.
+        """
+        if preprocessing is None:
+            preprocessing = self._resolve_preprocessing(manifest, overrides)
+        self._check_input_size(preprocessing, manifest)
+        logger.info("preprocessing in force: %s", preprocessing.describe())
+        return preprocessing
+
+    def _resolve_preprocessing(self, manifest, overrides):
+        given, sources = {}, []
+        if manifest is not None and manifest.preprocessing:
+            sidecar = manifest.path.with_suffix(".toml")
+            given.update(partial_preprocessing(manifest.preprocessing, str(sidecar)))
+            sources.append(f"{', '.join(manifest.preprocessing)} from {sidecar.name}")
+        flags = partial_preprocessing({k: v for k, v in overrides.items() if v is not None}, "preprocessing flags")
+        if flags:
+            given.update(flags)
+            sources.append(f"{', '.join(flags)} given")
+        base = self.preprocessing
+        if base is None:
+            if "mean" not in given or "std" not in given:
+                raise ConceptLensError(self._no_preprocessing_message())
+            base = _size_only(self.input_size)
+        return dataclasses.replace(base, **given, source="; ".join([base.source, *sources]))
+
+    def _no_preprocessing_message(self):
+        where = f"; or write them into {self.sidecar} as \"preprocessing\"" if self.sidecar else ""
+        if self.input_size:
+            size = f"; its input size {self.input_size[0]}x{self.input_size[1]} comes from the exported program"
+        else:
+            size = "; add --resize N --crop N unless the images already have the model's input size"
+        return (f"model {self.spec} does not say how its inputs are preprocessed: pass --mean R,G,B and --std R,G,B "
+                f"(e.g. --mean 0,0,0 --std 1,1,1 for [0, 1] pixels; API: preprocessing=Preprocessing(...)){size}"
+                f"{where}, or into the manifest's TOML sidecar [preprocessing]")
+
+    def _check_input_size(self, prep, manifest):
+        if self.input_size is None:
+            return
+        out = (prep.crop, prep.crop) if prep.crop else _first_image_size(manifest, prep.resize)
+        if out is not None and tuple(out) != tuple(self.input_size):
+            h, w = self.input_size
+            hint = f"--resize {h} --crop {h}" if h == w else f"images of {h}x{w} with no resize or crop"
+            raise ConceptLensError(
+                f"model {self.spec} takes {h}x{w} inputs (the exported program fixes the size) but the preprocessing "
+                f"in force gives {out[0]}x{out[1]} ({prep.describe()}); pass {hint}, or re-export with dynamic "
+                "height and width"
+            )
 
     def class_index(self, name):
         """Logit index of a class given by name (or by its index as a string)."""
@@ -87,6 +163,25 @@ class LoadedModel:
             "this model has no class names (add 'classes' to its weights sidecar JSON) - use logit indices"
         )
         raise ConceptLensError(f"class {name!r} is not a class of model {self.spec}; {known}")
+
+
+def _first_image_size(manifest, resize):
+    """``(height, width)`` of the manifest's first image after ``resize``; None when it cannot be read.
+
+    Read from the header only; an unreadable image is left to the loader's bad-image policy.
+    """
+    if manifest is None or len(manifest) == 0:
+        return None
+    try:
+        with Image.open(manifest.image_paths()[0]) as im:
+            w, h = im.size
+    except OSError:
+        return None
+    if resize is None:
+        return h, w
+    short, long = (h, w) if h <= w else (w, h)
+    long = int(resize * long / short)  # torchvision's Resize(int) rule
+    return (resize, long) if h <= w else (long, resize)
 
 
 def resolve_device(device="auto"):
@@ -282,8 +377,34 @@ def _export(rest):
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
         raise ConceptLensError(f"{path} cannot be loaded with torch.export.load: {exc}") from None
+    input_size = _export_input_size(program, path)
     module = torch.export.unflatten(program)
-    return module, None, _read_sidecar(path)
+    return module, input_size, _read_sidecar(path)
+
+
+def _export_input_size(program, path):
+    """``(H, W)`` fixed by the program, or None when height and width are dynamic.
+
+    Checked at load so a program that cannot take our batches fails before any work starts.
+    """
+    user = {s.arg.name for s in program.graph_signature.input_specs
+            if s.kind == torch.export.graph_signature.InputKind.USER_INPUT}
+    shapes = [tuple(n.meta["val"].shape) for n in program.graph.nodes
+              if n.op == "placeholder" and n.name in user and "val" in n.meta]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        raise ConceptLensError(
+            f"exported program {path} takes {len(shapes)} input(s) of shape {shapes}; conceptlens feeds one image "
+            "batch [N, 3, H, W] - export a module whose forward takes one image tensor"
+        )
+    batch, channels, height, width = (d if isinstance(d, int) else None for d in shapes[0])
+    if batch is not None:
+        raise ConceptLensError(
+            f"exported program {path} fixes the batch size to {batch}; re-export it with a dynamic batch dimension: "
+            "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))"
+        )
+    if channels not in (None, 3):
+        raise ConceptLensError(f"exported program {path} takes {channels}-channel images; conceptlens feeds RGB (3 channels)")
+    return (height, width) if height is not None and width is not None else None
 
 
 def load_model(spec, device="auto", num_classes=None, seed=0):
@@ -304,20 +425,22 @@ def load_model(spec, device="auto", num_classes=None, seed=0):
         return spec
     kind, rest = _split_spec(spec)
     device = resolve_device(device)
+    input_size = None
     if kind == "demo":
         module, weights, side = _demo(rest)
         default_prep = Preprocessing.from_dict(side["preprocessing"], source=f"sidecar of {rest}")
     elif kind == "torchvision":
         module, weights, side = _torchvision(rest, num_classes, seed)
-        default_prep = Preprocessing.imagenet()
+        default_prep = dataclasses.replace(Preprocessing.imagenet(), source="torchvision's ImageNet default")
     elif kind == "python":
         module, weights, side = _python(rest)
-        default_prep = Preprocessing.imagenet()
+        default_prep = None  # the user's own code: nothing says what it expects
     else:
-        module, weights, side = _export(rest)
-        default_prep = Preprocessing.imagenet()
+        module, input_size, side = _export(rest)
+        weights, default_prep = rest, None
+    sidecar = Path(weights).with_suffix(".json") if weights else None
     if kind != "demo" and "preprocessing" in side:
-        default_prep = Preprocessing.from_dict(side["preprocessing"], source=f"sidecar of {weights or rest}")
+        default_prep = _sidecar_preprocessing(side["preprocessing"], default_prep, sidecar, input_size)
     module.eval()
     module.to(device)
     classes = side.get("classes")
@@ -328,7 +451,33 @@ def load_model(spec, device="auto", num_classes=None, seed=0):
         preprocessing=default_prep,
         classes=list(classes) if classes else None,
         device=device,
+        input_size=input_size,
+        sidecar=sidecar,
     )
+
+
+def _size_only(input_size):
+    """What a model without stated preprocessing implies: the size a program fixes, else none.
+
+    Its mean and std are placeholders that the caller must replace with given ones.
+    """
+    size = input_size[0] if input_size and input_size[0] == input_size[1] else None
+    return Preprocessing(resize=size, crop=size, source=(
+        f"input size {size} from the exported program" if size else "no resize or crop: images as they are"))
+
+
+def _sidecar_preprocessing(table, default, sidecar, input_size):
+    """A model sidecar's (possibly partial) preprocessing over ``default``; mean and std needed where
+    there is no default."""
+    source = f"sidecar {sidecar}"
+    given = partial_preprocessing(table, source)
+    if default is None:
+        missing = [k for k in ("mean", "std") if k not in given]
+        if missing:
+            raise ConceptLensError(f"{source}: preprocessing gives no {' or '.join(missing)}; add them "
+                                   "(e.g. \"mean\": [0, 0, 0], \"std\": [1, 1, 1] for [0, 1] pixels)")
+        default = _size_only(input_size)
+    return dataclasses.replace(default, **given, source=f"{default.source}; {', '.join(given)} from {source}")
 
 
 def _module_of(model):
@@ -358,12 +507,19 @@ def validate_layers(model, layers):
     return layers
 
 
-def list_layers(model, input_size=224, device=None):
+def list_layers(model, input_size=None, device=None):
     """Table of layers (``name``, ``type``, ``output_shape``, ``calls``) for a ``3 x S x S`` input.
 
-    ``calls`` counts how often the module runs in one forward pass; layers called more than once
-    (e.g. a shared ReLU) cannot be captured unambiguously.
+    ``input_size`` defaults to the size an exported program fixes, else 224. ``calls`` counts how
+    often the module runs in one forward pass; layers called more than once (e.g. a shared ReLU)
+    cannot be captured unambiguously.
     """
+    fixed = model.input_size if isinstance(model, LoadedModel) else None
+    if input_size is None:
+        input_size = fixed[0] if fixed and fixed[0] == fixed[1] else 224
+    if fixed and tuple(fixed) != (input_size, input_size):
+        raise ConceptLensError(f"model {model.spec} takes {fixed[0]}x{fixed[1]} inputs (the exported program fixes "
+                               f"the size); got --input-size {input_size}")
     module = _module_of(model)
     if device is None:
         device = model.device if isinstance(model, LoadedModel) else next(module.parameters()).device

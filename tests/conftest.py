@@ -25,9 +25,12 @@ TRAIN_CONFIG = dict(epochs=12, seed=0)
 
 
 def _source_hash(*parts):
+    import conceptlens
+
+    package = Path(conceptlens.__file__).parent  # the package under test (installed, or the checkout)
     h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
-    for rel in ("conceptlens/world", "conceptlens/demo_model.py", "conceptlens/data.py", "conceptlens/dissection/broden.py"):
-        p = ROOT / rel
+    for rel in ("world", "demo_model.py", "data.py", "dissection/broden.py"):
+        p = package / rel
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -47,6 +50,12 @@ def _cached(name, key, build):
         except OSError:  # another process finished first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def pytest_report_header(config):
+    import conceptlens
+
+    return f"conceptlens under test: {Path(conceptlens.__file__).parent}"
 
 
 @pytest.fixture(scope="session")

@@ -35,13 +35,14 @@ def test_missing_manifest(tmp_path):
         Manifest.read(tmp_path / "nope.csv")
 
 
-def test_sidecar_preprocessing_and_overrides(image_manifest):
-    image_manifest.with_suffix(".toml").write_text("[preprocessing]\nresize = 20\nmean = [0.5, 0.5, 0.5]\n")
-    m = Manifest.read(image_manifest)
-    prep = m.resolve_preprocessing(Preprocessing.imagenet(), crop=None, std=(0.5, 0.5, 0.5))
-    assert prep.resize == 20 and prep.crop == 224 and prep.mean == (0.5,) * 3 and prep.std == (0.5,) * 3
+def test_sidecar_preprocessing_is_validated(image_manifest):
+    image_manifest.with_suffix(".toml").write_text("[preprocessing]\nresize = 20\ncrop = \"none\"\n")
+    assert Manifest.read(image_manifest).preprocessing == {"resize": 20, "crop": "none"}
     image_manifest.with_suffix(".toml").write_text("[preprocessing]\nsize = 20\n")
-    with pytest.raises(ConceptLensError, match=r"m.toml: unknown preprocessing keys \['size'\]|manifest.toml: unknown"):
+    with pytest.raises(ConceptLensError, match=r"manifest.toml: unknown preprocessing keys \['size'\]"):
+        Manifest.read(image_manifest)
+    image_manifest.with_suffix(".toml").write_text("[preprocessing]\ncrop = -3\n")
+    with pytest.raises(ConceptLensError, match=r"manifest.toml: preprocessing crop must be a positive integer, or 0"):
         Manifest.read(image_manifest)
 
 

@@ -165,7 +165,7 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
         manifest = Manifest.read(manifest)
     if limit is not None:
         manifest = manifest.subset(np.arange(len(manifest)) < int(limit))
-    prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
+    prep = model.preprocessing_for(manifest, preprocessing)
     x = load_images(manifest, prep)
     logits = predict_tensor(model, x, batch_size)
     predicted = logits.argmax(1)

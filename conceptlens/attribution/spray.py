@@ -307,7 +307,7 @@ def spray_class(model, manifest, class_name, method="lrp-epsilon-plus-flat", pre
                                + (f" in split {split!r}" if split else "") + f"; labels: {', '.join(labels[:20])}")
     target = model.class_index(class_name)
     sub = manifest.subset(keep)
-    prep = preprocessing or sub.resolve_preprocessing(model.preprocessing)
+    prep = model.preprocessing_for(sub, preprocessing)
     x = load_images(sub, prep)
     maps = attribute(model, x, target, method, batch_size=batch_size, progress=progress, **(method_params or {}))
     rows = sub.frame.rename(columns={"image": "index"})

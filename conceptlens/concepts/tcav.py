@@ -480,7 +480,7 @@ class TCAV:
             logger.info("removed %d random-pool images that are also concept examples", overlap)
             pool = [p for p in pool if p not in taken]
         manifest, class_inputs = _class_inputs(model, data, classes, split, max_inputs, rng)
-        prep = self.preprocessing or manifest.resolve_preprocessing(model.preprocessing)
+        prep = model.preprocessing_for(manifest, self.preprocessing)
         m, n, parts, pseudo, counters = _plan(
             self.design, {k: len(v) for k, v in sets.items()}, len(pool), self.runs, self.concept_size, self.random_size, rng
         )

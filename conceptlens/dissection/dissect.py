@@ -156,7 +156,7 @@ class DissectionResult:
         arrays = {name: {layer: np.load(directory / "arrays" / f"{name}_{_safe(layer)}.npy", allow_pickle=False)
                          for layer in prov["layers"]}
                   for name in ("iou", "thresholds", "top_rows", "top_scores")}
-        read = lambda name: pd.read_csv(directory / name, keep_default_na=False)  # noqa: E731
+        read = lambda name: pd.read_csv(directory / name, keep_default_na=False, dtype={"layer": str})  # noqa: E731
         units = read("units.csv")
         for col in units.columns:
             if col == "label" or col.endswith("_label") or col in ("layer", "category"):
@@ -226,13 +226,16 @@ def _check_params(quantile, iou_threshold, rule, top_k, batch_size, chunk_rows, 
 
 
 def _preprocessing(model, broden, size, mean, std):
-    default = model.preprocessing
+    # Only the normalisation comes from the model's preprocessing: dissection resizes whole images
+    # (never crops) so unit maps stay aligned with the masks.
+    default = model.preprocessing_for(None, mean=mean, std=std)
     if size is None:
-        size = default.crop or default.resize
+        fixed = model.input_size[0] if model.input_size and model.input_size[0] == model.input_size[1] else None
+        size = default.crop or default.resize or fixed
         if size is not None:
             logger.info("dissection input size auto → %d (the model's input size; images are resized whole, never cropped)", size)
-    prep = Preprocessing(resize=size, crop=None, mean=tuple(mean) if mean is not None else default.mean,
-                         std=tuple(std) if std is not None else default.std)
+    prep = Preprocessing(resize=size, crop=None, mean=default.mean, std=default.std,
+                         source=f"{default.source}; resized whole to {size or 'the images own size'}, never cropped")
     dims = broden.index[["ih", "iw"]].drop_duplicates().to_numpy()
     if len(dims) > 1:
         ratios = {round(h / w, 6) for h, w in dims}

@@ -54,6 +54,9 @@ class _Run:
         self.spec, self.out, self.progress, self.on_stage = spec, Path(out), progress, on_stage
         self.model = load_model(spec.model, device=spec.device, num_classes=spec.num_classes)
         self.manifest = Manifest.read(spec.manifest)
+        # Resolved (and logged) before any stage, so a model that states no preprocessing stops here;
+        # the stages resolve the same model + manifest the same way.
+        self.model.preprocessing_for(self.manifest)
         self.cache = ResultCache(self.out / "cache")
         self.base = {"model": self.model.spec, "weights": self.model.weights_hash,
                      "manifest": self.manifest.content_hash(), "seed": spec.seed}

@@ -20,7 +20,10 @@ from .store import ActivationStore
 logger = logging.getLogger(__name__)
 
 # Columns read as text so that labels like "1" or "NA" survive a CSV round trip unchanged.
-TEXT_COLUMNS = {"image": str, "label": str, "split": str}
+# Read back as text whatever they hold: layer names of an nn.Sequential are '0', '1', ... and labels
+# or targets may be numbers too; pandas would turn them into integers.
+TEXT_COLUMNS = {name: str for name in ("image", "label", "split", "layer", "target", "suggested_label",
+                                       "train_image", "test_image", "train_split", "test_split")}
 
 
 def open_store(store):

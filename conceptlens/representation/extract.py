@@ -297,7 +297,7 @@ def extract(
     layers = validate_layers(model.module, layers)
     pool = parse_pool(pool)
     dtype = _resolve_dtype(dtype, pool)
-    prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
+    prep = model.preprocessing_for(manifest, preprocessing)
     request = {
         "model": model.spec,
         "weights_hash": model.weights_hash,
@@ -340,7 +340,7 @@ def predict(model, data, batch_size=64, num_workers=0, skip_bad=False, preproces
     """
     model, module, device = _model_and_device(model)
     manifest = data if isinstance(data, Manifest) else Manifest.read(data)
-    prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
+    prep = model.preprocessing_for(manifest, preprocessing)
     batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
     rows, logits = [], []
     for r, x in tqdm(batches, desc="predict", unit="batch", disable=not progress):

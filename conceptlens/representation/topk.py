@@ -313,7 +313,7 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
     model = load_model(model) if isinstance(model, str) else model
     manifest = data if isinstance(data, Manifest) else Manifest.read(data)
     acc = TopK(k, score)
-    prep = preprocessing or manifest.resolve_preprocessing(model.preprocessing)
+    prep = model.preprocessing_for(manifest, preprocessing)
     prov = {"model": model.spec, "weights_hash": model.weights_hash, "manifest": str(manifest.path),
             "manifest_hash": manifest.content_hash(), "preprocessing": prep.to_dict()}
     if store is not None:
