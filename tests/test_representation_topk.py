@@ -95,7 +95,7 @@ def test_topk_api_reuses_extraction_and_handles_a_reused_store(small, demo_model
 
 def test_crops_around_argmax(spatial, small, demo_model):
     res = spatial[1]["max"]
-    prep = small.resolve_preprocessing(demo_model.preprocessing)
+    prep = demo_model.preprocessing_for(small)
     crops = res.crops("relu2", 3, small, prep, size=0.25)
     assert len(crops) == 5 and all(c.shape == (16, 16, 3) and c.dtype == np.uint8 for c in crops)
     whole = res.crops("relu2", 3, small, prep, size=1.0)
