@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from ._threads import thread_limits
 from .errors import ConceptLensError
 
 logger = logging.getLogger("conceptlens")
@@ -79,7 +80,7 @@ def _cmd_world(args):
 def _cmd_train_demo(args):
     from .demo_model import train_demo
 
-    side = train_demo(args.world, args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    side = train_demo(args.world, args.out, epochs=args.epochs, seed=args.seed, device=args.device, progress=not args.quiet)
     print(f"demo CNN saved to {args.out} (+ sidecar {Path(args.out).with_suffix('.json')}): "
           f"test accuracy {side['test_accuracy']:.3f}, trained in {side['train_seconds']:.0f} s")
 
@@ -120,10 +121,15 @@ def _print_store(store):
     print(f"activation store {store.path}: {store.n_rows} rows, pool {store.pool}, dtype {store.meta['dtype']}")
     for layer in store.layers:
         print(f"  {layer:<24} {'x'.join(map(str, store.shape(layer)))}")
-    if store.skipped:
-        print(f"  skipped {len(store.skipped)} unreadable images:")
-        for s in store.skipped:
-            print(f"    {s['image']}: {s['error']}")
+    _print_skipped(store.skipped)
+
+
+def _print_skipped(skipped):
+    """The images a ``--skip-bad`` run left out, as its results list them."""
+    if skipped:
+        print(f"  skipped {len(skipped)} unreadable images:")
+        for s in skipped:
+            print(f"    manifest row {s['manifest_row']}: {s['image']}: {s['error']}")
 
 
 def _print_report(result):
@@ -156,8 +162,12 @@ def _add_store_source_args(p, pool="mean"):
     p.add_argument("--out", required=True, help="output directory for the result tables")
 
 
-def _store_from_args(args):
-    """Open ``--store``, or extract ``--model`` over ``--data`` into ``<out>/activations``."""
+def _store_from_args(args, columns=None, layer=None):
+    """Open ``--store``, or extract ``--model`` over ``--data`` into ``<out>/activations``.
+
+    ``columns`` (``(flag, manifest column)`` pairs) and ``layer`` (``--layer``) are what the analysis will
+    read; with ``--model/--data`` they are checked before the extraction, not after it.
+    """
     from .representation.store import ActivationStore
 
     if args.store is not None:
@@ -168,33 +178,71 @@ def _store_from_args(args):
         raise ConceptLensError("give --store DIR, or all of --model, --data and --layers to extract activations first")
     from .data import Manifest
     from .models import load_model
+    from .representation._common import check_column
     from .representation.extract import extract
 
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     manifest = Manifest.read(args.data)
+    for flag, column in columns or ():
+        check_column(manifest.frame, column, flag, f"manifest {manifest.path}")
+    if layer is not None and layer not in args.layers:
+        raise ConceptLensError(f"--layer {layer!r} is not one of --layers ({', '.join(args.layers)}); "
+                               "add it to --layers or choose one of them")
     return extract(model, manifest, args.layers, Path(args.out) / "activations", pool=args.pool, batch_size=args.batch_size,
                    num_workers=args.workers, skip_bad=args.skip_bad, preprocessing=_preprocessing(args, model, manifest),
                    progress=not args.quiet)
 
 
+def _probe_baselines(args, store):
+    """``--baseline-store``/``--pixels-store``, or (with ``--model/--data``) the random-init copy and the
+    pooled pixels extracted into ``<out>/baseline-activations`` and ``<out>/pixel-activations``."""
+    from .representation.store import ActivationStore
+
+    if args.store is not None:
+        return (ActivationStore.open(args.baseline_store) if args.baseline_store else None,
+                ActivationStore.open(args.pixels_store) if args.pixels_store else None)
+    if args.baseline_store or args.pixels_store:
+        raise ConceptLensError("--baseline-store/--pixels-store go with --store; with --model/--data the baselines are extracted")
+    from .data import Manifest
+    from .models import load_model, random_init_copy
+    from .representation.baselines import pixel_layers, pixel_model
+    from .representation.extract import extract
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    prep = _preprocessing(args, model, manifest)
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad, preprocessing=prep,
+                  progress=not args.quiet)
+    base = extract(random_init_copy(model, seed=args.baseline_seed), manifest, args.layers,
+                   Path(args.out) / "baseline-activations", pool=args.pool, **common)
+    pixels = extract(pixel_model(model), manifest, pixel_layers(), Path(args.out) / "pixel-activations", pool="mean", **common)
+    return base, pixels
+
+
 def _cmd_probe(args):
     from .representation.probes import probe
 
-    store = _store_from_args(args)
-    result = probe(store, args.targets, args.layers, split=args.split,
-                   n_controls=args.n_controls, n_bootstrap=args.n_bootstrap, C=args.C, seed=args.seed, progress=not args.quiet)
+    store = _store_from_args(args, columns=[("--targets", t) for t in args.targets])
+    baseline, pixels = _probe_baselines(args, store)
+    result = probe(store, args.targets, args.layers, baseline=baseline, pixels=pixels, split=args.split,
+                   n_permutations=args.n_permutations, n_bootstrap=args.n_bootstrap, C=args.C, seed=args.seed,
+                   progress=not args.quiet)
     result.save(args.out)
     t = result.table
     print(f"probes ({len(t)}) -> {Path(args.out) / 'probes.csv'}")
+    if baseline is None:
+        print("  no random-init baseline (--baseline-store): selectivity not computed, nothing is called decodable")
     for r in t.itertuples():
-        print(f"  {r.layer:<20} {r.target:<14} acc {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  control {r.control_accuracy:.3f}"
-              f"  selectivity {r.selectivity:+.3f}{'  decodable' if r.decodable else ''}")
+        base = (f"random-init {r.baseline_accuracy:.3f}  selectivity {r.selectivity:+.3f} "
+                f"[{r.selectivity_ci_low:+.3f}, {r.selectivity_ci_high:+.3f}]" if r.baseline != "none" else "no baseline")
+        print(f"  {r.layer:<20} {r.target:<14} acc {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  {base}"
+              f"  null {r.null_accuracy:.3f}{'  decodable' if r.decodable else ''}")
 
 
 def _cmd_embed(args):
     from .representation.embed import embed
 
-    store = _store_from_args(args)
+    store = _store_from_args(args, layer=args.layer)
     result = embed(store, args.layer, args.method, perplexity=args.perplexity, n_neighbors=args.n_neighbors,
                    pca_components=args.pca or None, seed=args.seed, n_jobs=args.n_jobs)
     result.save(args.out)
@@ -205,13 +253,15 @@ def _cmd_embed(args):
 def _cmd_neighbors(args):
     from .representation.neighbors import neighbors
 
-    store = _store_from_args(args)
+    store = _store_from_args(args, columns=[("--label-column", args.label_column)] if args.label_column else None,
+                             layer=args.layer)
     result = neighbors(store, args.layer, k=args.k, index=args.index, nprobe=args.nprobe, center=not args.no_center,
-                       label_column=args.label_column or None, max_agreement=args.max_agreement,
-                       duplicate_threshold=args.threshold)
+                       label_column=args.label_column or None, label_cut=args.label_cut,
+                       duplicate_ratio=args.duplicate_ratio, duplicate_threshold=args.threshold)
     result.save(args.out)
-    print(f"neighbours of {result.layer} ({result.params['knn']}, k={args.k}): {len(result.label_issues)} label-issue candidates -> "
-          f"{Path(args.out) / 'label_issues.csv'}; {len(result.duplicates)} train/test pairs with cosine >= {args.threshold} -> "
+    print(f"neighbours of {result.layer} ({result.params['knn']}, k={args.k}): {len(result.label_issues)} label-issue candidates "
+          f"(p_label <= {args.label_cut}) -> {Path(args.out) / 'label_issues.csv'}; {len(result.duplicates)} near-duplicate "
+          f"candidates ({result.params['duplicate_rule']}), {len(result.leaks)} of them across splits -> "
           f"{Path(args.out) / 'duplicates.csv'}")
 
 
@@ -240,8 +290,6 @@ def _cmd_topk(args):
 
 
 def _cmd_attribute(args):
-    import pandas as pd
-
     from .attribution import explain
     from .data import Manifest
     from .models import load_model
@@ -249,20 +297,14 @@ def _cmd_attribute(args):
     if bool(args.data) == bool(args.image):
         raise ConceptLensError("give either --data MANIFEST or --image PATH (repeatable), not both or neither")
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
-    if args.data:
-        manifest = Manifest.read(args.data)
-    else:
-        missing = [p for p in args.image if not Path(p).is_file()]
-        if missing:
-            raise ConceptLensError(f"image {missing[0]} does not exist")
-        frame = pd.DataFrame({"image": [str(Path(p).resolve()) for p in args.image]})
-        manifest = Manifest(path=Path.cwd() / "(images)", frame=frame)
+    manifest = Manifest.read(args.data) if args.data else Manifest.from_images(args.image)
     result = explain(model, manifest, args.methods, target=args.target, preprocessing=_preprocessing(args, model, manifest),
-                     limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+                     limit=args.limit, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet)
     out = result.save(args.out)
     print(f"attributions of {len(result.rows)} images x {len(result.methods)} methods -> {out / 'index.json'}")
     for m in result.methods:
         print(f"  {m:<30} heatmaps/{m}/  overlays/{m}/  maps/{m}.npy")
+    _print_skipped(result.skipped)
 
 
 def _cmd_spray(args):
@@ -273,13 +315,14 @@ def _cmd_spray(args):
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     manifest = Manifest.read(args.data)
     result = spray_class(model, manifest, args.cls, method=args.method, preprocessing=_preprocessing(args, model, manifest),
-                         split=args.split, batch_size=args.batch_size, progress=not args.quiet,
+                         split=args.split, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet,
                          n_clusters=args.clusters if args.clusters == "auto" else int(args.clusters),
                          max_clusters=args.max_clusters, seed=args.seed)
     out = result.save(args.out)
     print(f"SpRAy of class {args.cls!r} ({len(result.labels)} images, {args.method}): {result.n_clusters} clusters "
           f"(eigengap {result.eigengap:.3f}) -> {out}")
     print(result.clusters().to_string(index=False))
+    _print_skipped(result.skipped)
 
 
 def _cmd_tcav(args):
@@ -327,7 +370,7 @@ def _cmd_dissect(args):
                      quantile_method=args.quantile_method, memory_budget=int(args.memory_budget * 2**20),
                      num_workers=args.workers, render=not args.no_images, progress=not args.quiet)
     print(f"dissection of {', '.join(result.layers)} on {result.provenance['n_images']} Broden images "
-          f"(rule {args.rule}) -> {args.out}/units.csv")
+          f"(rule {args.rule}) -> {Path(args.out) / 'units.csv'}")
     print(result.summary[result.summary["category"] == "all"].to_string(index=False))
 
 
@@ -363,14 +406,15 @@ def build_parser():
     p.add_argument("--out", required=True, help="weights file to write (.pt; sidecar .json beside it)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present)")
     p.set_defaults(func=_cmd_train_demo)
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes")
     p.add_argument("model", help="model spec (see `conceptlens extract --help`)")
     p.add_argument("--input-size", type=int, default=None,
                    help="square input side for the shape trace (default: the size an exported program fixes, else 224)")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--num-classes", type=int, default=None, help="head size for torchvision architectures (default: from the weights, else 1000)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present)")
     p.set_defaults(func=_cmd_layers)
 
     p = sub.add_parser("extract", help="capture layer activations of a manifest into an activation store")
@@ -383,7 +427,7 @@ def build_parser():
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("report", help="analyse a model as a TOML report spec says and write the HTML report")
-    p.add_argument("spec", help="report spec (TOML; examples in data_manifests/)")
+    p.add_argument("spec", help="report spec (TOML; `conceptlens demo` writes a complete one as <out>/report.toml)")
     p.add_argument("--out", required=True, help="report folder (index.html, assets/, tables/, cache/)")
     p.set_defaults(func=_cmd_report)
 
@@ -391,14 +435,20 @@ def build_parser():
     p.add_argument("--out", default="conceptlens-demo", help="output directory (default ./conceptlens-demo)")
     p.add_argument("--quick", action="store_true", help="smaller world and shorter training (under 3 min)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present); checked first")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("probe", help="linear probes per layer for manifest columns, with a control task (probes.csv)")
+    p = sub.add_parser("probe", help="linear probes per layer for manifest columns, against a random-init baseline (probes.csv)")
     _add_store_source_args(p)
+    p.add_argument("--baseline-store", default=None,
+                   help="with --store: store of the same layers of a random-init copy (with --model/--data it is extracted "
+                        "into OUT/baseline-activations)")
+    p.add_argument("--pixels-store", default=None, help="with --store: store of pooled input pixels (optional)")
+    p.add_argument("--baseline-seed", type=int, default=0, help="seed of the random-init copy (default 0)")
     p.add_argument("--targets", type=_csv_list, default=["label"], help="manifest columns to predict (default label)")
     p.add_argument("--split", default="auto", choices=["auto", "column", "random"], help="train/test: manifest 'split' or seeded random")
-    p.add_argument("--n-controls", type=int, default=3, help="control-task repetitions (default 3)")
+    p.add_argument("--n-permutations", type=int, default=19,
+                   help="permutation null: probes on permuted training labels, scored on the true test labels (default 19)")
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation of the probe (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -415,16 +465,19 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("neighbors", help="cosine k-NN: label-disagreement candidates and train/test near-duplicates")
+    p = sub.add_parser("neighbors", help="cosine k-NN: label-issue and near-duplicate candidates for dataset review")
     _add_store_source_args(p)
     p.add_argument("--layer", default=None, help="layer (default: the store's last)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--index", default="Flat", help="Flat (default) = exact blocked self-join; or a FAISS index_factory string, e.g. IVF1024,Flat")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
     p.add_argument("--no-center", action="store_true", help="do not subtract the mean feature before normalising")
-    p.add_argument("--label-column", default="label", help="column for label-disagreement candidates ('' to skip)")
-    p.add_argument("--max-agreement", type=float, default=0.5, help="flag rows whose neighbours share their label at most this often")
-    p.add_argument("--threshold", type=float, default=0.97, help="cosine similarity of a near-duplicate pair (default 0.97)")
+    p.add_argument("--label-column", default="label", help="column for label-issue candidates ('' to skip)")
+    p.add_argument("--label-cut", type=float, default=0.1,
+                   help="flag rows whose calibrated neighbour probability of their label is at most this (default 0.1)")
+    p.add_argument("--duplicate-ratio", type=float, default=0.3,
+                   help="near-duplicate: cosine distance <= this x the median nearest-neighbour distance (default 0.3)")
+    p.add_argument("--threshold", type=float, default=None, help="near-duplicate: cosine >= this instead of --duplicate-ratio")
     p.set_defaults(func=_cmd_neighbors)
 
     p = sub.add_parser("topk", help="top-k images per channel (spatial max or mean of ReLU), with argmax locations (topk.csv)")
@@ -533,20 +586,26 @@ def main(argv=None):
     saved = root.handlers[:], root.level
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # FAISS logs at INFO which of its builds it tried, with the traceback of each one missing.
+    faiss_loader = logging.getLogger("faiss.loader")
+    saved_faiss = faiss_loader.level
+    faiss_loader.setLevel(logging.WARNING)
     logging.captureWarnings(True)
     try:
-        with warnings.catch_warnings():
+        # The thread limits are in force before any heavy library loads: they size its pools as it does.
+        with warnings.catch_warnings(), thread_limits():
             warnings.simplefilter("default")
             args.func(args)
     except ConceptLensError as exc:
         print(f"conceptlens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("conceptlens: interrupted", file=sys.stderr)
+        print("\nconceptlens: interrupted", file=sys.stderr)  # a progress bar may hold the current line
         return 130
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+        faiss_loader.setLevel(saved_faiss)
         logging.captureWarnings(False)
     return 0
 

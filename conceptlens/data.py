@@ -14,13 +14,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
 
 from .errors import ConceptLensError
 
@@ -29,7 +29,8 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Preprocessing", "partial_preprocessing", "Manifest", "ImageDataset", "BadImage", "make_loader", "load_images"]
+__all__ = ["Preprocessing", "partial_preprocessing", "Manifest", "ImageDataset", "BadImage", "Images", "make_loader",
+           "read_images", "load_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Preprocessing:
                 f"[{self.source}]")
 
     def transform(self):
+        from torchvision.transforms import v2 as T  # torchvision loads torch._dynamo: only when images are read
+
         steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
         if self.resize is not None:
             steps.append(T.Resize(self.resize, antialias=True))
@@ -106,11 +109,19 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A table of images: ``frame`` holds the CSV, ``root`` the folder image paths are relative to."""
+    """A table of images: ``frame`` holds the CSV, ``root`` the folder image paths are relative to.
+
+    Rows are numbered from 0 in the order of the CSV's data lines (``manifest_row`` in every result);
+    messages name a row as ``manifest row R (line L of FILE)``, ``L = R + 2`` counting the header
+    (for a CSV without blank lines or multi-line cells). ``kind`` says what the rows are:
+    ``"manifest"`` for a CSV, else what the images of an in-memory list are (``"concept image"``,
+    ``"random image"``, ...), and those are named by their file (:meth:`describe_row`).
+    """
 
     path: Path
     frame: pd.DataFrame = field(repr=False)
     preprocessing: dict = field(default_factory=dict)
+    kind: str = "manifest"
 
     @classmethod
     def read(cls, path):
@@ -131,7 +142,8 @@ class Manifest:
             raise ConceptLensError(f"manifest {path} has no rows")
         empty = frame.index[frame["image"].str.len() == 0]
         if len(empty):
-            raise ConceptLensError(f"manifest {path}: row {empty[0] + 2} has an empty 'image' cell")
+            raise ConceptLensError(f"manifest row {empty[0]} (line {empty[0] + 2} of {path}) has an empty 'image' cell; "
+                                   "give each row an image path relative to the CSV")
         sidecar = path.with_suffix(".toml")
         prep = {}
         if sidecar.is_file():
@@ -143,18 +155,19 @@ class Manifest:
         return cls(path=path.resolve(), frame=frame.reset_index(drop=True), preprocessing=prep)
 
     @classmethod
-    def from_images(cls, paths, root=None):
+    def from_images(cls, paths, root=None, kind="image"):
         """An in-memory manifest of image files (no labels), e.g. a concept folder's images.
 
         ``root`` (default: the paths' common folder) is what the stored ``image`` paths are relative
-        to; ``path`` is a virtual ``<root>/images.csv`` that is not written.
+        to; ``path`` is a virtual ``<root>/images.csv`` that is not written. ``kind`` names the images
+        in messages (e.g. ``"concept image"``: *concept image /data/red/3.png: file not found*).
         """
         paths = [Path(p).resolve() for p in paths]
         if not paths:
             raise ConceptLensError("Manifest.from_images needs at least one image path")
         root = Path(root).resolve() if root is not None else Path(os.path.commonpath([p.parent for p in paths]))
         frame = pd.DataFrame({"image": [os.path.relpath(p, root) for p in paths]})
-        return cls(path=root / "images.csv", frame=frame)
+        return cls(path=root / "images.csv", frame=frame, kind=kind)
 
     @property
     def root(self):
@@ -165,6 +178,14 @@ class Manifest:
 
     def image_paths(self):
         return [self.root / p for p in self.frame["image"]]
+
+    def describe_row(self, row):
+        """How messages name row ``row``: ``image IMG at manifest row R (line L of FILE)`` for a CSV,
+        ``<kind> PATH`` for an in-memory list of images."""
+        image = self.frame["image"].iloc[row]
+        if self.kind == "manifest":
+            return f"image {image} at manifest row {row} (line {row + 2} of {self.path})"
+        return f"{self.kind} {self.root / image}"
 
     @property
     def attributes(self):
@@ -225,11 +246,15 @@ def partial_preprocessing(d, source="preprocessing"):
 
 @dataclass(frozen=True)
 class BadImage:
-    """An image that could not be read: its manifest row, path and the reason."""
+    """An image that could not be read: its ``manifest_row`` (0-based data row), path and the reason."""
 
-    row: int
+    manifest_row: int
     image: str
     error: str
+
+    def to_dict(self):
+        """``{"manifest_row", "image", "error"}``: how results (``meta.json``, ``index.json``) list it."""
+        return dataclasses.asdict(self)
 
 
 class ImageDataset(Dataset):
@@ -240,7 +265,6 @@ class ImageDataset(Dataset):
 
     def __init__(self, manifest, preprocessing):
         self.paths = [str(p) for p in manifest.image_paths()]
-        self.images = list(manifest.frame["image"])
         self.transform = preprocessing.transform()
 
     def __len__(self):
@@ -277,8 +301,8 @@ def _collate(items):
 class _Batches:
     """Iterates ``(rows, images)`` batches, applying the bad-image policy and recording skips."""
 
-    def __init__(self, loader, dataset, skip_bad):
-        self.loader, self.dataset, self.skip_bad = loader, dataset, skip_bad
+    def __init__(self, loader, manifest, skip_bad):
+        self.loader, self.manifest, self.skip_bad = loader, manifest, skip_bad
         self.skipped: list[BadImage] = []
 
     def __len__(self):
@@ -287,27 +311,29 @@ class _Batches:
     def __iter__(self):
         for rows, batch, bad in self.loader:
             for i, err in bad:
-                image = self.dataset.images[i]
+                where = self.manifest.describe_row(i)
                 if not self.skip_bad:
                     raise ConceptLensError(
-                        f"image {image} (manifest row {i + 2}): {err}; fix or remove it, "
+                        f"{where}: {err}; fix or remove it, "
                         "or pass --skip-bad to skip bad images (they are counted and listed)"
                     )
-                self.skipped.append(BadImage(i, image, err))
-                logger.warning("skipping bad image %s: %s", image, err)
+                self.skipped.append(BadImage(i, self.manifest.frame["image"].iloc[i], err))
+                logger.warning("skipping %s: %s", where, err)
             if batch is not None:
                 yield rows, batch
 
 
-def make_loader(manifest, preprocessing, batch_size=64, num_workers=0, skip_bad=False, start=0):
-    """Batches ``(rows, images)`` over the manifest rows from ``start`` on, in manifest order.
+def make_loader(manifest, preprocessing, batch_size=64, num_workers=0, skip_bad=False, rows=None):
+    """Batches ``(rows, images)`` over manifest rows, in the order given.
 
-    The returned object has a ``skipped`` list of :class:`BadImage` filled during iteration.
+    ``rows`` (default: all) are manifest rows to read, e.g. ``range(start, len(manifest))`` to resume;
+    the batches' ``rows`` are these manifest rows, never positions within a selection. The returned
+    object has a ``skipped`` list of :class:`BadImage` filled during iteration.
     """
     if batch_size < 1:
         raise ConceptLensError(f"batch_size must be a positive integer; got {batch_size}")
     dataset = ImageDataset(manifest, preprocessing)
-    indices = range(start, len(dataset))
+    indices = range(len(dataset)) if rows is None else [int(r) for r in rows]
     loader = DataLoader(
         torch.utils.data.Subset(dataset, indices),
         batch_size=batch_size,
@@ -316,10 +342,56 @@ def make_loader(manifest, preprocessing, batch_size=64, num_workers=0, skip_bad=
         collate_fn=_collate,
         persistent_workers=False,
     )
-    return _Batches(loader, dataset, skip_bad)
+    return _Batches(loader, manifest, skip_bad)
+
+
+class Images(NamedTuple):
+    """Images read into memory by :func:`read_images`."""
+
+    rows: np.ndarray
+    """Manifest row of each image (``int64 [N]``)."""
+    x: torch.Tensor
+    """The preprocessed images ``[N, 3, H, W]``."""
+    skipped: list
+    """:class:`BadImage` of every row skipped as unreadable (``skip_bad=True``)."""
+
+
+def read_images(manifest, preprocessing, rows=None, batch_size=256, num_workers=0, skip_bad=False):
+    """The images of (some) rows of a small manifest in one tensor, with the bad-image policy.
+
+    Parameters
+    ----------
+    manifest : Manifest
+    preprocessing : Preprocessing
+    rows : sequence of int, optional
+        Manifest rows to read (default: all), in this order.
+    batch_size, num_workers : int
+        Of the loader.
+    skip_bad : bool
+        Skip unreadable images (listed in ``skipped``) instead of raising.
+
+    Returns
+    -------
+    Images
+        ``rows``, ``x`` and ``skipped``.
+
+    Raises
+    ------
+    ConceptLensError
+        For an unreadable image (without ``skip_bad``), or when no image could be read.
+    """
+    batches = make_loader(manifest, preprocessing, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
+                          rows=rows)
+    parts = list(batches)
+    if not parts and not batches.skipped:
+        raise ConceptLensError(f"no rows of {manifest.path} to read; select at least one")
+    if not parts:
+        first = batches.skipped[0]
+        raise ConceptLensError(f"none of the {len(batches.skipped)} images asked for in {manifest.path} could be read "
+                               f"(first: {first.image}: {first.error}); check the image paths (relative to the CSV)")
+    return Images(torch.cat([r for r, _ in parts]).numpy(), torch.cat([x for _, x in parts]), batches.skipped)
 
 
 def load_images(manifest, preprocessing, batch_size=256, num_workers=0):
     """All images of a (small) manifest as one tensor ``[N, 3, H, W]`` in manifest order."""
-    batches = make_loader(manifest, preprocessing, batch_size=batch_size, num_workers=num_workers)
-    return torch.cat([x for _, x in batches])
+    return read_images(manifest, preprocessing, batch_size=batch_size, num_workers=num_workers).x

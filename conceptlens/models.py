@@ -31,6 +31,7 @@ import importlib.util
 import json
 import logging
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -224,10 +225,9 @@ def load_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConceptLensError(
             f"weights file {path} holds Python objects beyond tensors and is refused "
-            f"(torch.load weights_only=True: {first}); re-save it with torch.save(model.state_dict(), path)"
+            f"(torch.load weights_only=True: {_refusal_reason(exc)}); re-save it with torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise ConceptLensError(f"weights file {path} cannot be read as a torch state dict: {exc}") from None
@@ -241,6 +241,18 @@ def load_state_dict(path):
             "save it with torch.save(model.state_dict(), path)"
         )
     return obj
+
+
+def _refusal_reason(exc):
+    """The one sentence of torch's ``weights_only`` refusal that names the offending object, without
+    the terminal colour codes torch puts in it (``Unsupported global: GLOBAL mod.Cls was not an allowed
+    global by default.``); else the message's first sentence."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    match = re.search(r"WeightsUnpickler error: (.+?\.)(?:\s|$)", text)
+    if match:
+        return match.group(1)
+    first = re.match(r"(.+?\.)(?:\s|$)", text.splitlines()[0]) if text else None
+    return first.group(1) if first else (text.splitlines()[0] if text else type(exc).__name__)
 
 
 def _state_hash(module):
@@ -286,6 +298,9 @@ def _split_spec(spec):
 def _demo(rest):
     from .demo_model import DEMO_ARCHITECTURE, DemoCNN
 
+    if not Path(rest).is_file():
+        raise ConceptLensError(f"demo weights file {rest} does not exist; train one with `conceptlens train-demo` "
+                               "(or `conceptlens demo`, which writes <out>/model/demo.pt)")
     side = _read_sidecar(rest)
     if side.get("architecture") != DEMO_ARCHITECTURE:
         raise ConceptLensError(
@@ -554,3 +569,63 @@ def list_layers(model, input_size=None, device=None):
     frame = pd.DataFrame([rows[n] for n in names], columns=["name", "type", "output_shape", "calls"])
     frame["output_shape"] = frame["output_shape"].map(lambda s: "x".join(map(str, s[1:])) if isinstance(s, tuple) else s)
     return frame
+
+
+def random_init_copy(model, seed=0):
+    """A copy of ``model`` with every parameter re-initialised under a fixed seed (probe baseline).
+
+    The module is deep-copied and each submodule that owns parameters is reset with its own
+    ``reset_parameters()`` (``_reset_parameters()`` for ``nn.MultiheadAttention``), in
+    ``named_modules()`` order, under ``torch.random.fork_rng`` seeded with ``seed``: the result is
+    the same architecture with the same layer names and preprocessing, but weights that never saw
+    data - the baseline a linear probe is compared with (Hewitt & Liang's question: is it the
+    representation or the probe?). BatchNorm layers also reset their running statistics. The
+    caller's model and the global RNG state are left as they came in.
+
+    Parameters
+    ----------
+    model : LoadedModel or nn.Module
+    seed : int
+        Seed of the re-initialisation.
+
+    Returns
+    -------
+    LoadedModel or nn.Module
+        Same type as ``model``; a ``LoadedModel`` gets spec ``<spec>#random-init:seed=<seed>`` and
+        the new weights' hash.
+
+    Raises
+    ------
+    ConceptLensError
+        When a submodule owns parameters but has no ``reset_parameters`` (e.g. the modules of a
+        ``torch.export`` program, which carry no initialisers): there is no sound random init.
+    """
+    import copy
+
+    module = _module_of(model)
+    clone = copy.deepcopy(module)
+    resets = []
+    for name, sub in clone.named_modules():
+        if not any(True for _ in sub.parameters(recurse=False)):
+            continue
+        reset = getattr(sub, "reset_parameters", None) or getattr(sub, "_reset_parameters", None)
+        if not callable(reset):
+            spec = model.spec if isinstance(model, LoadedModel) else type(module).__name__
+            raise ConceptLensError(
+                f"cannot build a random-init copy of {spec}: module {name or '<root>'!r} ({type(sub).__name__}) owns "
+                "parameters but has no reset_parameters(); load the architecture from code (python:MODULE:FACTORY) "
+                "to get a random-init baseline, or probe without one")
+        resets.append(reset)
+    cuda = sorted({p.device.index or 0 for p in clone.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(int(seed))
+        for reset in resets:
+            reset()
+    clone.eval()
+    if not isinstance(model, LoadedModel):
+        return clone
+    return dataclasses.replace(model, module=clone, spec=f"{model.spec}#random-init:seed={int(seed)}",
+                               weights_hash=_state_hash(clone))
+
+
+__all__ += ["random_init_copy"]

@@ -20,7 +20,7 @@ def test_manifest_columns_attributes_and_hash(image_manifest):
     [
         ("path,label\na.png,x\n", "has no 'image' column"),
         ("image,label\n", "has no rows"),
-        ("image,label\na.png,x\n,y\n", "row 3 has an empty 'image' cell"),
+        ("image,label\na.png,x\n,y\n", r"manifest row 1 \(line 3 of .*m.csv\) has an empty 'image' cell"),
     ],
 )
 def test_bad_manifests_name_the_problem(tmp_path, content, message):
@@ -68,9 +68,9 @@ def test_corrupt_image_error_or_counted_skip_with_workers(image_manifest):
     (image_manifest.parent / "img" / "003.png").write_bytes(b"\x89PNG broken")
     m = Manifest.read(image_manifest)
     prep = Preprocessing(resize=16, crop=16)
-    with pytest.raises(ConceptLensError, match=r"image img/003.png \(manifest row 5\): cannot decode image"):
+    with pytest.raises(ConceptLensError, match=r"image img/003.png at manifest row 3 \(line 5 of .*manifest.csv\): cannot decode image"):
         list(make_loader(m, prep, batch_size=4, num_workers=2))
     loader = make_loader(m, prep, batch_size=4, num_workers=2, skip_bad=True)
     rows = torch.cat([r for r, _ in loader]).tolist()
     assert rows == [i for i in range(20) if i != 3]
-    assert [(s.row, s.image) for s in loader.skipped] == [(3, "img/003.png")]
+    assert [(s.manifest_row, s.image) for s in loader.skipped] == [(3, "img/003.png")]

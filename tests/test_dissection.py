@@ -2,15 +2,19 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from conceptlens.cli import main
 from conceptlens.dissection import DissectionResult, dissect, read_broden
+from conceptlens.dissection.broden import decode_mask, encode_mask
 from conceptlens.errors import ConceptLensError
+from conceptlens.models import random_init_copy
 from conceptlens.representation.store import ActivationStore
 from dissection_reference import reference_iou, reference_quantiles, tiny_broden
 
@@ -65,25 +69,73 @@ def test_thresholds_and_iou_equal_loop_reference(demo_result, demo_model, world_
     assert not np.allclose(lite.iou["conv4"][:, :5], demo_result.iou["conv4"][:, :5])
 
 
-def test_demo_model_units_carry_world_concepts(demo_result, world_dir):
+def _shape_units(result, layer):
+    units = result.units
+    return units[(units["layer"] == layer) & units["interpretable"] & units["label"].isin(SHAPES)]
+
+
+def _mean_best_shape_iou(result, layer):
+    labels = result.labels
+    return np.mean([result.iou[layer][:, labels.loc[(labels["name"] == s) & (labels["category"] == "object"), "column"]].max()
+                    for s in SHAPES])
+
+
+def test_demo_model_units_detect_planted_shapes(demo_result, demo_model, world_dir, tmp_path):
+    # Planted truth: the world's class is the object's shape, and the demo model was trained to
+    # tell shapes apart, so its conv4 units must match the shape masks far better than the same
+    # layer of a seeded random-init copy. Nothing is asserted about colour, texture or scene (drawn
+    # independently of the class: whether SGD keeps units for them varies by machine) nor the tag
+    # (a random-init copy's best conv4 tag IoU, 0.17, beats the trained models' 0.04-0.10).
+    # Measured on demo models of training seeds 0-2: 37-45 conv4 shape units vs 0 for random-init
+    # seeds 0-2; mean best shape IoU 0.071-0.073 vs 0.018-0.029; 94-98 % of top images hit.
     units = demo_result.units
-    good = units[units["interpretable"]]
-    assert len(good) >= 10 and not units["dead"].any()
-    labels = set(good["label"])
-    assert "tag" in labels and labels & SHAPES, labels
-    assert {"object", "color"} <= set(good["category"])
     assert (units["unit"].groupby(units["layer"]).max() == 63).all()  # 0-based
-    # the best tag unit's top images all hold the tag (object label "tag")
+    random_copy = dissect(random_init_copy(demo_model, seed=0), world_dir / "broden", ["conv4"], tmp_path / "random",
+                          top_k=0, render=False, progress=False)
+    trained = _shape_units(demo_result, "conv4")
+    assert len(trained) >= 15 and len(_shape_units(random_copy, "conv4")) <= 5, trained["label"].value_counts()
+    assert _mean_best_shape_iou(demo_result, "conv4") > 1.5 * _mean_best_shape_iou(random_copy, "conv4")
+    # a shape unit's top images hold its shape (chance: about 1 in 4)
     broden = read_broden(world_dir / "broden")
-    tag_number = int(broden.labels.set_index("name").at["tag", "number"])
-    best = good[good["label"] == "tag"].sort_values("iou").iloc[-1]
-    for r in demo_result.top_rows[best["layer"]][best["unit"]]:
-        assert (broden.annotations(int(r))["object"][0] == tag_number).any()
+    hits = [(broden.annotations(int(r))["object"][0] == u.label_number).any()
+            for u in trained.itertuples() for r in demo_result.top_rows["conv4"][u.unit] if r >= 0]
+    assert len(hits) >= 4 * 15 and np.mean(hits) >= 0.8
     s = demo_result.summary.set_index(["layer", "category"])
+    good = units[units["interpretable"]]
     for layer in ("conv3", "conv4"):
         part = good[good["layer"] == layer]
         assert s.at[(layer, "all"), "interpretable_units"] == len(part)
         assert s.at[(layer, "all"), "unique_concepts"] == part["label"].nunique()
+
+
+def test_tally_recomputed_when_a_mask_changes(demo_model, tmp_path, caplog):
+    root = tiny_broden(tmp_path / "tiny")
+    out = tmp_path / "out"
+
+    def run():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="conceptlens"):
+            return dissect(demo_model, root, ["conv2"], out, top_k=2, render=False, progress=False)
+
+    first = run()
+    assert "IoU tally: reusing" not in caplog.text
+    again = run()  # unchanged inputs: the tally is reused
+    assert "IoU tally: reusing" in caplog.text
+    np.testing.assert_array_equal(again.iou["conv2"], first.iou["conv2"])
+    # edit one mask: the object mask of image 0 becomes "door" (4) everywhere, written a second later
+    mask_path = root / "images" / read_broden(root).entries["object"][0][0]
+    before = os.stat(mask_path)
+    Image.fromarray(encode_mask(np.full(decode_mask(mask_path).shape, 4, dtype=np.int32))).save(mask_path)
+    os.utime(mask_path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    edited = run()
+    assert "IoU tally: reusing" not in caplog.text and "thresholds of conv2: reusing" in caplog.text
+    broden = read_broden(root)
+    maps = ActivationStore.open(edited.provenance["store"]).load("conv2")
+    ref = reference_iou(maps, edited.thresholds["conv2"], broden, "paper", edited.labels)
+    np.testing.assert_allclose(edited.iou["conv2"], ref, rtol=1e-6, atol=1e-12)
+    door = edited.labels.loc[(edited.labels["name"] == "door") & (edited.labels["category"] == "object"), "column"]
+    assert not np.allclose(edited.iou["conv2"][:, door], first.iou["conv2"][:, door])
+    assert edited.provenance["broden_hash"] != first.provenance["broden_hash"]
 
 
 def test_save_load_round_trip(demo_result, tmp_path):

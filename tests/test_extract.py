@@ -170,12 +170,12 @@ def test_skip_bad_images_are_counted_and_listed(tmp_path, resnet18, image_manife
     bad = image_manifest.parent / "img" / "005.png"
     bad.write_bytes(b"not a png")
     (image_manifest.parent / "img" / "011.png").unlink()
-    with pytest.raises(ConceptLensError, match=r"image img/005.png \(manifest row 7\): cannot decode.*--skip-bad"):
+    with pytest.raises(ConceptLensError, match=r"image img/005.png at manifest row 5 \(line 7 of .*\): cannot decode.*--skip-bad"):
         extract(resnet18, image_manifest, ["layer4"], tmp_path / "a", batch_size=4, preprocessing=PREP, progress=False)
     store = extract(resnet18, image_manifest, ["layer4"], tmp_path / "b", batch_size=4, preprocessing=PREP,
                     skip_bad=True, progress=False)
     assert store.n_rows == 18 and store.load("layer4").shape == (18, 512)
-    assert [(s["row"], s["image"]) for s in store.skipped] == [(5, "img/005.png"), (11, "img/011.png")]
+    assert [(s["manifest_row"], s["image"]) for s in store.skipped] == [(5, "img/005.png"), (11, "img/011.png")]
     assert "file not found" in store.skipped[1]["error"]
     assert 5 not in store.rows["manifest_row"].tolist() and len(store.rows) == 18
     # surviving rows hold the right activations

@@ -30,7 +30,8 @@ def test_probe_embed_neighbors_over_a_store(store, tmp_path, capsys):
     assert main(["probe", "-q", "--store", str(store.path), "--targets", "label,has_tag", "--n-bootstrap", "100",
                  "--out", str(tmp_path / "p")]) == 0
     probes = pd.read_csv(tmp_path / "p" / "probes.csv")
-    assert len(probes) == 4 and {"accuracy", "control_accuracy", "selectivity", "ci_low"} <= set(probes.columns)
+    assert len(probes) == 4 and {"accuracy", "baseline_accuracy", "selectivity", "ci_low"} <= set(probes.columns)
+    assert (probes["baseline"] == "none").all()  # --store without --baseline-store: said so, never compared with chance
     assert main(["embed", "-q", "--store", str(store.path), "--method", "pca", "--out", str(tmp_path / "e")]) == 0
     emb = pd.read_csv(tmp_path / "e" / "embedding.csv")
     assert len(emb) == 160 and {"x", "y", "label"} <= set(emb.columns)
@@ -49,7 +50,9 @@ def test_topk_and_probe_from_model_and_manifest(small_manifest, demo_weights, tm
     assert set(t["layer"]) == {"relu2", "fc"} and t["rank"].max() == 3
     assert (tmp_path / "t" / "activations" / "meta.json").is_file()  # the same pass wrote a store
     assert main(["probe", "-q", *model, "--layers", "relu4", "--n-bootstrap", "50", "--out", str(tmp_path / "p")]) == 0
-    assert np.isfinite(pd.read_csv(tmp_path / "p" / "probes.csv")["accuracy"]).all()
+    probes = pd.read_csv(tmp_path / "p" / "probes.csv")
+    assert np.isfinite(probes["accuracy"]).all() and (probes["baseline"] == "random-init copy").all()
+    assert np.isfinite(probes["baseline_accuracy"]).all() and (tmp_path / "p" / "baseline-activations" / "meta.json").is_file()
 
 
 def test_errors_are_one_line(store, tmp_path, capsys):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import ConceptLensError
 from ._results import provenance, read_meta, write_meta
-from .methods import METHODS, attribute, method_info
+from .methods import METHODS, attribute, check_method, method_info
 
 __all__ = ["Explanations", "explain", "heatmap_rgb"]
 
@@ -57,13 +57,15 @@ class Explanations:
     methods : tuple of str
     maps : dict of str -> ndarray [N, H, W]
     rows : DataFrame
-        One row per image: ``image`` (path), manifest columns, ``target``, ``target_name``,
-        ``predicted``, ``predicted_name``, ``target_logit``.
+        One row per image: ``manifest_row``, ``image`` (path), manifest columns, ``target``,
+        ``target_name``, ``predicted``, ``predicted_name``, ``target_logit``.
     images : ndarray [N, H, W, 3] uint8
         The de-normalised inputs (for overlays).
     params : dict
         Method parameters per method.
     provenance : dict
+    skipped : tuple of dict
+        Images skipped as unreadable (``skip_bad``): ``{manifest_row, image, error}`` each.
     """
 
     methods: tuple
@@ -72,6 +74,7 @@ class Explanations:
     images: np.ndarray = field(repr=False)
     params: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    skipped: tuple = ()
 
     def to_frame(self):
         """Per image and method: ``rows`` columns, ``method``, ``relevance_sum``, ``relevance_max``."""
@@ -86,9 +89,12 @@ class Explanations:
 
     def save(self, directory):
         """Write ``meta.json``, ``index.json``, ``rows.csv``, ``images.npy``, ``maps/<method>.npy`` and
-        ``heatmaps/<method>/<i>.png`` + ``overlays/<method>/<i>.png`` (``i`` = position in ``rows``)."""
+        ``heatmaps/<method>/<i>.png`` + ``overlays/<method>/<i>.png`` (``i`` = position in ``rows``).
+
+        ``meta.json`` and ``index.json`` list the skipped images under ``skipped``."""
+        skipped = [dict(s) for s in self.skipped]
         d = write_meta(directory, "explanations", {"methods": list(self.methods), "params": self.params,
-                                                   "provenance": self.provenance})
+                                                   "provenance": self.provenance, "skipped": skipped})
         self.rows.to_csv(d / "rows.csv", index=False)
         np.save(d / "images.npy", self.images)
         (d / "maps").mkdir(exist_ok=True)
@@ -107,7 +113,7 @@ class Explanations:
         index = {"methods": [{"name": m, "signed": METHODS[m].signed if m in METHODS else True,
                               "library": METHODS[m].library if m in METHODS else "?",
                               "description": METHODS[m].description if m in METHODS else ""} for m in self.methods],
-                 "images": entries}
+                 "images": entries, "skipped": skipped}
         (d / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         return d
 
@@ -117,7 +123,8 @@ class Explanations:
         d = Path(directory)
         maps = {m: np.load(d / "maps" / f"{m}.npy") for m in meta["methods"]}
         rows = pd.read_csv(d / "rows.csv", keep_default_na=False)
-        return cls(tuple(meta["methods"]), maps, rows, np.load(d / "images.npy"), meta["params"], meta["provenance"])
+        return cls(tuple(meta["methods"]), maps, rows, np.load(d / "images.npy"), meta["params"], meta["provenance"],
+                   tuple(meta.get("skipped", ())))
 
 
 def _plain(v):
@@ -125,7 +132,7 @@ def _plain(v):
 
 
 def explain(model, manifest, methods, target=None, preprocessing=None, limit=None, method_params=None,
-            batch_size=32, progress=False):
+            batch_size=32, skip_bad=False, progress=False):
     """Attribute the images of a manifest with several methods.
 
     Parameters
@@ -139,17 +146,19 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     preprocessing : Preprocessing, optional
         Default: the manifest's resolved against the model's.
     limit : int, optional
-        Use only the first ``limit`` rows.
+        Use only the first ``limit`` manifest rows (fewer images when some are skipped).
     method_params : dict, optional
         ``{method: {param: value}}``.
     batch_size : int
+    skip_bad : bool
+        Skip unreadable images (counted and listed in ``skipped``) instead of failing.
     progress : bool
 
     Returns
     -------
     Explanations
     """
-    from ..data import Manifest, load_images
+    from ..data import Manifest, read_images
     from ..representation.extract import predict_tensor
 
     if isinstance(methods, str):
@@ -161,23 +170,32 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     unknown = set(method_params) - set(methods)
     if unknown:
         raise ConceptLensError(f"method_params names methods not requested: {sorted(unknown)}")
+    for m in methods:
+        check_method(model, m, **method_params.get(m, {}))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ConceptLensError(f"limit must be a positive integer (the first N manifest rows); got {limit!r}")
     if not isinstance(manifest, Manifest):
         manifest = Manifest.read(manifest)
-    if limit is not None:
-        manifest = manifest.subset(np.arange(len(manifest)) < int(limit))
+    target_index = None if target is None else model.class_index(target) if isinstance(target, str) else int(target)
     prep = model.preprocessing_for(manifest, preprocessing)
-    x = load_images(manifest, prep)
+    read = read_images(manifest, prep, rows=None if limit is None else range(min(int(limit), len(manifest))),
+                       batch_size=batch_size, skip_bad=skip_bad)
+    x = read.x
     logits = predict_tensor(model, x, batch_size)
     predicted = logits.argmax(1)
-    if target is None:
+    if target_index is None:
         t = predicted
     else:
-        t = torch.full((len(x),), model.class_index(target) if isinstance(target, str) else int(target), dtype=torch.long)
+        if not 0 <= target_index < logits.shape[1]:
+            raise ConceptLensError(f"target {target!r} is not a class of model {model.spec}: it has {logits.shape[1]} "
+                                   f"outputs (0..{logits.shape[1] - 1})")
+        t = torch.full((len(x),), target_index, dtype=torch.long)
     maps = {m: attribute(model, x, t, m, batch_size=batch_size, progress=progress, **method_params.get(m, {})).numpy()
             for m in methods}
     names = model.classes or [str(i) for i in range(logits.shape[1])]
-    rows = manifest.frame.copy()
-    rows["image"] = [str(p) for p in manifest.image_paths()]
+    rows = manifest.frame.iloc[read.rows].copy()
+    rows.insert(0, "manifest_row", read.rows)
+    rows["image"] = [str(manifest.root / p) for p in rows["image"]]
     rows["target"] = t.numpy()
     rows["target_name"] = [names[i] for i in t.tolist()]
     rows["predicted"] = predicted.numpy()
@@ -188,4 +206,5 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     images = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     info = provenance(model, manifest, preprocessing=prep.to_dict(), target=target)
     return Explanations(tuple(methods), maps, rows.reset_index(drop=True), images,
-                        {m: dict(method_params.get(m, {})) for m in methods}, info)
+                        {m: dict(method_params.get(m, {})) for m in methods}, info,
+                        tuple(s.to_dict() for s in read.skipped))

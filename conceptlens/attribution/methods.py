@@ -5,6 +5,13 @@ raw ``[B, C, H, W]`` attribution with ``raw=True``). Each method is a :class:`Me
 its capabilities (``needs_layer``, ``needs_baseline``, ``stochastic``, ``signed``, ...) and its
 parameters with defaults; unknown names and parameters are errors that list the valid ones.
 
+Methods whose rules attach to module types (``needs_module_types``: LRP and its canonizers, guided
+backprop, deconvnet, guided Grad-CAM) run on a ``torch.export`` program through a copy whose layers
+are rebuilt as eager ``nn.Conv2d``/``nn.Linear``/``nn.BatchNorm2d``/``nn.ReLU``/pool modules and
+torchvision ResNet blocks (:mod:`._rebuild`), checked to reproduce the program's outputs; a program
+with a layer that cannot be rebuilt is refused up front (:func:`check_method`), never attributed
+with the plain gradient.
+
 Library methods come from their library: gradients, integrated gradients, SmoothGrad (NoiseTunnel),
 occlusion, LIME, Grad-CAM, guided backprop, deconvnet and guided Grad-CAM from captum; LRP
 composites and BatchNorm canonizers from zennit. RISE (Petsiuk et al. 2018) is ours: one set of
@@ -32,8 +39,9 @@ from torch import nn
 
 from ..errors import ConceptLensError, did_you_mean
 from ..models import validate_layers
+from . import _rebuild
 
-__all__ = ["Method", "METHODS", "attribute", "list_methods", "method_info", "auto_layer"]
+__all__ = ["Method", "METHODS", "attribute", "list_methods", "method_info", "auto_layer", "check_method", "supports"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,10 @@ class Method:
         Attributions can be negative (evidence against the target).
     uses_gradients : bool
         Back-propagates through the model (False: forward passes only).
+    needs_module_types : bool
+        Its rules attach to modules by type (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``,
+        ``nn.ReLU``); a ``torch.export`` program runs through a copy with rebuilt eager layers, or is
+        refused (see :func:`check_method`).
     reduce : str
         Default channel reduction to ``[B, H, W]``: ``sum``, ``abs`` (sum of magnitudes), ``max``
         (max magnitude) or ``mean``.
@@ -80,6 +92,7 @@ class Method:
     stochastic: bool = False
     signed: bool = True
     uses_gradients: bool = True
+    needs_module_types: bool = False
     reduce: str = "sum"
 
     def resolve_params(self, given):
@@ -320,11 +333,16 @@ def _choose_canonizer(module, which):
     """Resolve ``canonizer="auto"`` once per call: ``resnet`` for torchvision ResNets, else ``merge-batchnorm``."""
     if which not in ("auto", "none", "resnet", "merge-batchnorm"):
         raise ConceptLensError(f"the canonizer parameter must be auto, none, resnet or merge-batchnorm; got {which!r}")
-    if which != "auto":
-        return which
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    chosen = "resnet" if any(isinstance(m, (BasicBlock, Bottleneck)) for m in module.modules()) else "merge-batchnorm"
+    has_blocks = any(isinstance(m, (BasicBlock, Bottleneck)) for m in module.modules())
+    if which == "resnet" and not has_blocks:
+        # ResNetCanonizer finds its residual additions by these types; without them it would only merge BatchNorms.
+        raise ConceptLensError("canonizer 'resnet' needs torchvision BasicBlock/Bottleneck modules and the model has "
+                               "none; use canonizer='merge-batchnorm' or 'auto'")
+    if which != "auto":
+        return which
+    chosen = "resnet" if has_blocks else "merge-batchnorm"
     logger.info("canonizer auto -> %s (zennit %s)", chosen,
                 "ResNetCanonizer" if chosen == "resnet" else "SequentialMergeBatchNorm")
     return chosen
@@ -412,7 +430,7 @@ def _params(**kw):
     return MappingProxyType(kw)
 
 
-_LRP = dict(library="zennit", needs_layer=False)
+_BY_TYPE = dict(needs_module_types=True)
 METHODS = MappingProxyType({m.name: m for m in [
     Method("saliency", "captum", "|dy/dx| (Simonyan et al. 2014), max magnitude over channels", _saliency,
            signed=False, reduce="max"),
@@ -432,20 +450,20 @@ METHODS = MappingProxyType({m.name: m for m in [
            needs_baseline=True, stochastic=True, uses_gradients=False, reduce="mean"),
     Method("gradcam", "captum", "Grad-CAM at a layer, bilinearly upsampled", _gradcam,
            _params(layer="auto", relu=True), needs_layer=True, signed=False),
-    Method("guided-backprop", "captum", "guided backpropagation", _guided_backprop),
-    Method("deconvnet", "captum", "deconvnet (Zeiler & Fergus 2014)", _deconvnet),
+    Method("guided-backprop", "captum", "guided backpropagation", _guided_backprop, **_BY_TYPE),
+    Method("deconvnet", "captum", "deconvnet (Zeiler & Fergus 2014)", _deconvnet, **_BY_TYPE),
     Method("guided-gradcam", "captum", "guided backprop x Grad-CAM", _guided_gradcam, _params(layer="auto"),
-           needs_layer=True),
+           needs_layer=True, **_BY_TYPE),
     Method("lrp-epsilon", "zennit", "LRP-epsilon on every linear/conv layer (conserves relevance without biases)",
-           _lrp("lrp-epsilon"), _params(epsilon=1e-6, canonizer="auto")),
+           _lrp("lrp-epsilon"), _params(epsilon=1e-6, canonizer="auto"), **_BY_TYPE),
     Method("lrp-epsilon-plus-flat", "zennit", "LRP: flat first layer, z+ convolutions, epsilon dense",
-           _lrp("lrp-epsilon-plus-flat"), _params(epsilon=1e-6, canonizer="auto")),
+           _lrp("lrp-epsilon-plus-flat"), _params(epsilon=1e-6, canonizer="auto"), **_BY_TYPE),
     Method("lrp-epsilon-alpha2-beta1", "zennit", "LRP: alpha2-beta1 convolutions, epsilon dense",
-           _lrp("lrp-epsilon-alpha2-beta1"), _params(epsilon=1e-6, canonizer="auto")),
+           _lrp("lrp-epsilon-alpha2-beta1"), _params(epsilon=1e-6, canonizer="auto"), **_BY_TYPE),
     Method("lrp-epsilon-alpha2-beta1-flat", "zennit", "LRP: flat first layer, alpha2-beta1 convolutions, epsilon dense",
-           _lrp("lrp-epsilon-alpha2-beta1-flat"), _params(epsilon=1e-6, canonizer="auto")),
+           _lrp("lrp-epsilon-alpha2-beta1-flat"), _params(epsilon=1e-6, canonizer="auto"), **_BY_TYPE),
     Method("lrp-epsilon-gamma-box", "zennit", "LRP: z^B first layer, gamma convolutions, epsilon dense",
-           _lrp("lrp-epsilon-gamma-box"), _params(epsilon=1e-6, gamma=0.25, low=None, high=None, canonizer="auto")),
+           _lrp("lrp-epsilon-gamma-box"), _params(epsilon=1e-6, gamma=0.25, low=None, high=None, canonizer="auto"), **_BY_TYPE),
     Method("rise", "conceptlens", "RISE: class probability under random masks (Petsiuk et al. 2018), batched",
            _rise, _params(n_masks=500, cells=7, p=0.5, seed=0, forward_batch=512), stochastic=True, signed=False,
            uses_gradients=False),
@@ -465,10 +483,92 @@ def list_methods():
     """Table of methods: name, library, capabilities, parameters with defaults, description."""
     rows = [{
         "name": m.name, "library": m.library, "needs_layer": m.needs_layer, "needs_baseline": m.needs_baseline,
-        "stochastic": m.stochastic, "signed": m.signed, "uses_gradients": m.uses_gradients, "reduce": m.reduce,
+        "stochastic": m.stochastic, "signed": m.signed, "uses_gradients": m.uses_gradients,
+        "needs_module_types": m.needs_module_types, "reduce": m.reduce,
         "params": ", ".join(f"{k}={v!r}" for k, v in m.params.items()), "description": m.description,
     } for m in METHODS.values()]
     return pd.DataFrame(rows)
+
+
+_ANY_MODEL = "input-x-gradient, integrated-gradients or gradcam"  # methods that read no module types
+
+
+def _model_label(model, module):
+    return f"model {model.spec}" if hasattr(model, "spec") else f"the {type(module).__name__} model"
+
+
+def check_method(model, method, **params):
+    """Raise unless ``method`` with ``params`` gives faithful results on ``model``; cheap (no forward pass).
+
+    A method that ``needs_module_types`` runs on a ``torch.export`` program through eager copies of
+    its layers; it is refused when a layer computes something that cannot be rebuilt as an eager
+    module (the method would silently skip it and return a different attribution).
+
+    Parameters
+    ----------
+    model : LoadedModel or nn.Module
+    method : str
+        A name from :data:`METHODS`.
+    **params
+        Its parameters (names and common values are checked, see :meth:`Method.resolve_params`).
+
+    Raises
+    ------
+    ConceptLensError
+        Naming the method, the model, the layer and what to use instead.
+    """
+    spec = method_info(method)
+    spec.resolve_params(params)
+    module = _unwrap(model)
+    if not spec.needs_module_types or not _rebuild.is_program(module):
+        return
+    bad = _rebuild.unrebuildable_layers(module)
+    if bad:
+        layer, ops = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        raise ConceptLensError(
+            f"attribution method {spec.name!r} attaches its rules to module types (nn.Conv2d, nn.Linear, nn.BatchNorm2d, "
+            f"nn.ReLU) and {_model_label(model, module)} is a torch.export program whose layer {layer!r} runs {ops}{more}, "
+            f"which conceptlens cannot rebuild as such a module; use the python: spec of the same network, or a method "
+            f"that works on any model ({_ANY_MODEL})"
+        )
+
+
+def supports(model, method):
+    """True when :func:`check_method` accepts ``method`` on ``model`` (e.g. for a report to pick another method).
+
+    Parameters
+    ----------
+    model : LoadedModel or nn.Module
+    method : str
+
+    Returns
+    -------
+    bool
+    """
+    method_info(method)  # an unknown name is an error, not "unsupported"
+    try:
+        check_method(model, method)
+    except ConceptLensError:
+        return False
+    return True
+
+
+def _eager_layers(model, module, spec, x):
+    """The module the method runs on: ``module``, or for a program its copy with eager layers,
+    checked to give the program's outputs on ``x``."""
+    if not spec.needs_module_types or not _rebuild.is_program(module):
+        return module
+    rebuilt = _rebuild.eager_copy(module)
+    if not _rebuild.check_same_outputs(module, rebuilt, x):
+        raise ConceptLensError(
+            f"the eager layers rebuilt from {_model_label(model, module)} do not reproduce the program's outputs, so "
+            f"attribution method {spec.name!r} cannot run on it faithfully; use the python: spec of the same network, "
+            f"or a method that works on any model ({_ANY_MODEL})"
+        )
+    logger.info("%s is a torch.export program: %s runs on a copy with its layers rebuilt as eager modules",
+                _model_label(model, module), spec.name)
+    return rebuilt
 
 
 def _targets(target, x, module, model):
@@ -534,12 +634,19 @@ def attribute(model, x, target=None, method="saliency", raw=False, progress=Fals
     Returns
     -------
     Tensor ``[B, H, W]`` (float32, CPU), or ``(maps, raw)`` when ``raw=True``.
+
+    Raises
+    ------
+    ConceptLensError
+        For bad arguments, and before any work when the method cannot run faithfully on the model
+        (see :func:`check_method`).
     """
     from tqdm.auto import tqdm
 
     spec = method_info(method)
     p = spec.resolve_params(params)
     module = _unwrap(model)
+    check_method(model, spec.name, **params)
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConceptLensError(f"x must be a float tensor of images [B, C, H, W]; got {shape}")
@@ -551,24 +658,25 @@ def attribute(model, x, target=None, method="saliency", raw=False, progress=Fals
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
         x = x.detach().to(device).clone()
         t = _targets(target, x, module, model)
+        work = _eager_layers(model, module, spec, x[:p["batch_size"]])
         if spec.name == "smoothgrad":
             p["_range"] = float(x.max() - x.min()) or 1.0
         if spec.needs_layer:
             if p["layer"] in (None, "auto"):
-                p["layer"] = auto_layer(module, x)
-            _resolve_layer(module, x, p["layer"])  # validate before any work
+                p["layer"] = auto_layer(work, x)
+            _resolve_layer(work, x, p["layer"])  # validate before any work
         for key, reduce_fn in (("low", torch.amin), ("high", torch.amax)):
             if key in p and p[key] is None:  # z^B bounds: the inputs' per-channel range, the same for every batch
                 p[key] = reduce_fn(x, dim=(0, 2, 3), keepdim=True)
         if "canonizer" in p:
-            p["canonizer"] = _choose_canonizer(module, p["canonizer"])
+            p["canonizer"] = _choose_canonizer(work, p["canonizer"])
         starts = range(0, x.shape[0], p["batch_size"])
         for i in tqdm(starts, desc=f"attribute {spec.name}", unit="batch", disable=not progress):
             xb = x[i:i + p["batch_size"]].clone()
             p["_start"] = i
             if spec.uses_gradients:
                 xb.requires_grad_(True)
-            r = spec.fn(module, xb, t[i:i + p["batch_size"]], p).detach().float()
+            r = spec.fn(work, xb, t[i:i + p["batch_size"]], p).detach().float()
             maps.append(_reduce(r, p["reduce"]).cpu())
             if raw:
                 raws.append(r.cpu())

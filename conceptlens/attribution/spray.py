@@ -9,6 +9,7 @@ tag) is a "Clever Hans" strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class SprayResult:
         The downsampled, normalised maps that were clustered.
     params : dict
     provenance : dict
+    skipped : tuple of dict
+        Images skipped as unreadable (:func:`spray_class` with ``skip_bad``): ``{manifest_row, image, error}``.
     """
 
     labels: np.ndarray = field(repr=False)
@@ -62,6 +65,7 @@ class SprayResult:
     maps: np.ndarray = field(repr=False)
     params: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    skipped: tuple = ()
 
     @property
     def eigengap(self):
@@ -92,11 +96,12 @@ class SprayResult:
         return frame
 
     def save(self, directory):
-        """Write ``meta.json``, ``assignments.csv`` (:meth:`to_frame`), ``clusters.csv``,
-        ``eigenvalues.npy``, ``embedding.npy``, ``prototypes.npy``, ``medoids.npy``, ``maps.npy``."""
+        """Write ``meta.json`` (with the ``skipped`` images), ``assignments.csv`` (:meth:`to_frame`),
+        ``clusters.csv``, ``eigenvalues.npy``, ``embedding.npy``, ``prototypes.npy``, ``medoids.npy``, ``maps.npy``."""
         d = write_meta(directory, "spray", {
             "n_clusters": self.n_clusters, "eigengap": self.eigengap, "params": self.params,
             "provenance": self.provenance, "row_columns": list(self.rows.columns),
+            "skipped": [dict(s) for s in self.skipped],
         })
         self.to_frame().to_csv(d / "assignments.csv", index=False)
         self.clusters().to_csv(d / "clusters.csv", index=False)
@@ -111,7 +116,7 @@ class SprayResult:
         frame = pd.read_csv(d / "assignments.csv", keep_default_na=False)
         arrays = {name: np.load(d / f"{name}.npy") for name in ("eigenvalues", "embedding", "prototypes", "medoids", "maps")}
         return cls(labels=frame["cluster"].to_numpy(), rows=frame[meta["row_columns"]], n_clusters=int(meta["n_clusters"]),
-                   params=meta["params"], provenance=meta["provenance"], **arrays)
+                   params=meta["params"], provenance=meta["provenance"], skipped=tuple(meta.get("skipped", ())), **arrays)
 
 
 def prepare_maps(maps, size=16, absolute=False):
@@ -209,12 +214,7 @@ def spray(maps, n_clusters="auto", max_clusters=8, size=16, n_neighbors=10, abso
 
     small = prepare_maps(maps, size=size, absolute=absolute)
     n = len(small)
-    if n < 3:
-        raise ConceptLensError(f"SpRAy needs at least 3 maps; got {n}")
-    if not isinstance(n_neighbors, int) or n_neighbors < 1:
-        raise ConceptLensError(f"n_neighbors must be a positive integer; got {n_neighbors!r}")
-    if not isinstance(max_clusters, int) or max_clusters < 2:
-        raise ConceptLensError(f"max_clusters must be an integer >= 2; got {max_clusters!r}")
+    _check_params(n, n_clusters, max_clusters, n_neighbors)
     k_nn = min(n_neighbors, n - 1)
     features = small.reshape(n, -1).astype(np.float64)
     affinity = _affinity(features, k_nn)
@@ -224,8 +224,6 @@ def spray(maps, n_clusters="auto", max_clusters=8, size=16, n_neighbors=10, abso
         k = int(np.argmax(gaps[1:max_clusters]) + 2)
         logger.info("n_clusters auto -> %d (eigengap %.3g)", k, gaps[k - 1])
     else:
-        if not isinstance(n_clusters, (int, np.integer)) or not 1 <= n_clusters < n:
-            raise ConceptLensError(f"n_clusters must be 'auto' or an integer in 1..{n - 1}; got {n_clusters!r}")
         k = int(n_clusters)
     if k == 1:
         raw = np.zeros(n, dtype=int)
@@ -259,8 +257,20 @@ def spray(maps, n_clusters="auto", max_clusters=8, size=16, n_neighbors=10, abso
                        maps=small, params=params, provenance=dict(provenance_info or {}))
 
 
+def _check_params(n, n_clusters="auto", max_clusters=8, n_neighbors=10):
+    """Validate the clustering parameters for ``n`` maps (before any map is computed)."""
+    if n < 3:
+        raise ConceptLensError(f"SpRAy needs at least 3 maps; got {n}")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
+        raise ConceptLensError(f"n_neighbors must be a positive integer; got {n_neighbors!r}")
+    if isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 2:
+        raise ConceptLensError(f"max_clusters must be an integer >= 2; got {max_clusters!r}")
+    if n_clusters != "auto" and (not isinstance(n_clusters, (int, np.integer)) or not 1 <= n_clusters < n):
+        raise ConceptLensError(f"n_clusters must be 'auto' or an integer in 1..{n - 1}; got {n_clusters!r}")
+
+
 def spray_class(model, manifest, class_name, method="lrp-epsilon-plus-flat", preprocessing=None, split=None,
-                method_params=None, batch_size=32, progress=False, **spray_kw):
+                method_params=None, batch_size=32, skip_bad=False, progress=False, **spray_kw):
     """SpRAy over the images of one class in a manifest, explaining that class's logit.
 
     Parameters
@@ -279,18 +289,21 @@ def spray_class(model, manifest, class_name, method="lrp-epsilon-plus-flat", pre
     method_params : dict, optional
         Parameters of the attribution method.
     batch_size : int
+    skip_bad : bool
+        Skip unreadable images (counted and listed in ``skipped``) instead of failing.
     progress : bool
     **spray_kw
-        Passed to :func:`spray`.
+        Passed to :func:`spray` (checked before any image is read).
 
     Returns
     -------
     SprayResult
-        ``rows`` holds the manifest rows (``index`` = the image path).
+        ``rows`` holds the manifest rows (``index`` = the image path, ``manifest_row`` its row).
     """
-    from ..data import Manifest, load_images
-    from .methods import attribute
+    from ..data import Manifest, read_images
+    from .methods import attribute, check_method
 
+    check_method(model, method, **(method_params or {}))
     if not isinstance(manifest, Manifest):
         manifest = Manifest.read(manifest)
     frame = manifest.frame
@@ -306,11 +319,14 @@ def spray_class(model, manifest, class_name, method="lrp-epsilon-plus-flat", pre
         raise ConceptLensError(f"manifest {manifest.path} has no images of class {class_name!r}"
                                + (f" in split {split!r}" if split else "") + f"; labels: {', '.join(labels[:20])}")
     target = model.class_index(class_name)
-    sub = manifest.subset(keep)
-    prep = model.preprocessing_for(sub, preprocessing)
-    x = load_images(sub, prep)
-    maps = attribute(model, x, target, method, batch_size=batch_size, progress=progress, **(method_params or {}))
-    rows = sub.frame.rename(columns={"image": "index"})
+    check = {k: spray_kw[k] for k in ("n_clusters", "max_clusters", "n_neighbors") if k in spray_kw}
+    _check_params(int(keep.sum()), **check)
+    prep = model.preprocessing_for(manifest, preprocessing)
+    read = read_images(manifest, prep, rows=np.flatnonzero(keep.to_numpy()), batch_size=batch_size, skip_bad=skip_bad)
+    maps = attribute(model, read.x, target, method, batch_size=batch_size, progress=progress, **(method_params or {}))
+    rows = frame.iloc[read.rows].rename(columns={"image": "index"})
+    rows.insert(1, "manifest_row", read.rows)
     info = provenance(model, manifest, method=method, method_params=dict(method_params or {}),
                       class_name=class_name, target=target, split=split, preprocessing=prep.to_dict())
-    return spray(maps, rows=rows, provenance_info=info, **spray_kw)
+    result = spray(maps, rows=rows, provenance_info=info, **spray_kw)
+    return dataclasses.replace(result, skipped=tuple(s.to_dict() for s in read.skipped))

@@ -6,9 +6,7 @@ test against random-vs-random CAVs corrected across the experiment, and the CAVs
 accuracy and stability; :meth:`TCAVResult.audit` turns it into pass/fail verdicts.
 """
 
-from .cav import CAV_METHODS, CAVs, fit_cavs
-from .stats import adjust_pvalues, benjamini_hochberg, bootstrap_ci, holm, mean_pairwise_cosine, two_sample_pvalues
-from .tcav import DESIGNS, TCAV, TCAVResult, load_concept_sets, load_image_pool
+from .._lazy import lazy_exports
 
 __all__ = [
     "TCAV",
@@ -26,3 +24,10 @@ __all__ = [
     "bootstrap_ci",
     "mean_pairwise_cosine",
 ]
+
+# Submodules load on first use of their names: importing one analyzer loads only its own code.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "cav": ["CAV_METHODS", "CAVs", "fit_cavs"],
+    "stats": ["adjust_pvalues", "benjamini_hochberg", "bootstrap_ci", "holm", "mean_pairwise_cosine", "two_sample_pvalues"],
+    "tcav": ["DESIGNS", "TCAV", "TCAVResult", "load_concept_sets", "load_image_pool"],
+})

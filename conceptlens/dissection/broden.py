@@ -483,18 +483,27 @@ class BrodenSet:
         """A :class:`~conceptlens.data.Manifest` of the images, for :func:`~conceptlens.representation.extract`.
 
         Its ``path`` is ``index.csv`` and its ``image`` column is prefixed with ``images/``, so
-        image paths resolve relative to the set's root.
+        image paths resolve relative to the set's root; messages name an image by its file.
         """
         from ..data import Manifest
 
         frame = pd.DataFrame({"image": ["images/" + p for p in self.index["image"]], "split": self.index["split"]})
-        return Manifest(path=(self.root / "index.csv").resolve(), frame=frame)
+        return Manifest(path=(self.root / "index.csv").resolve(), frame=frame, kind="Broden image")
 
     def content_hash(self):
-        """SHA-256 over the set's CSV files (index, labels, categories, codes) and the categories used."""
+        """SHA-256 over the categories used, the set's CSV files and every mask file they reference.
+
+        The CSVs (index, labels, categories, codes) are hashed by content, the masks by path, size
+        and mtime (:meth:`~conceptlens.data.Manifest.content_hash`), so an edited or touched mask
+        changes the hash and the dissection tally keyed by it is recomputed.
+        """
+        from ..data import Manifest
+
         h = hashlib.sha256(repr(self.categories).encode())
         for name in ["index.csv", "label.csv", "category.csv"] + [f"c_{c}.csv" for c in self.categories]:
             h.update(name.encode() + b"\0" + (self.root / name).read_bytes())
+        masks = ["images/" + e for c in self.categories for cell in self.entries[c] for e in cell if isinstance(e, str)]
+        h.update(Manifest(path=(self.root / "index.csv").resolve(), frame=pd.DataFrame({"image": masks})).content_hash().encode())
         return h.hexdigest()
 
 

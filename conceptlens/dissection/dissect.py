@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import Preprocessing
 from ..errors import ConceptLensError
-from ..models import load_model
+from ..models import load_model, validate_layers
 from ..representation.extract import extract
 from .broden import BrodenSet, read_broden
 from .iou import RULES, IoUTally, label_batch, label_columns
@@ -469,6 +469,11 @@ def dissect(
     broden = broden if isinstance(broden, BrodenSet) else read_broden(broden, categories=categories)
     if categories is not None and set(categories) != set(broden.categories):
         broden = read_broden(broden.root, categories=categories)
+    layers = validate_layers(model, layers)
+    if thresholds is not None and not isinstance(thresholds, dict) and not Path(thresholds).is_file():
+        raise ConceptLensError(f"thresholds file {thresholds} does not exist; give a .npy or .npz of per-unit thresholds")
+    prep = _preprocessing(model, broden, size, mean, std)
+    # Every input is checked above: only now are folders created.
     out = Path(out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -477,9 +482,8 @@ def dissect(
 
     # 1. one forward pass → spatial store
     t0 = time.perf_counter()
-    prep = _preprocessing(model, broden, size, mean, std)
     manifest = broden.manifest()
-    store = extract(model, manifest, list(layers), out / "activations", pool="none", dtype=dtype,
+    store = extract(model, manifest, layers, out / "activations", pool="none", dtype=dtype,
                     batch_size=batch_size, num_workers=num_workers, preprocessing=prep, progress=progress)
     layers = store.layers
     if store.n_rows != len(broden):
@@ -524,7 +528,8 @@ def dissect(
     # 3. tally (masks decoded once per image, all layers in lockstep)
     t0 = time.perf_counter()
     columns = label_columns(broden, rule)
-    tally_key = _hash([store.meta["hash"], broden.content_hash(), rule, top_k,
+    broden_hash = broden.content_hash()  # CSVs and every mask file (path, size, mtime): an edited mask re-tallies
+    tally_key = _hash([store.meta["hash"], broden_hash, rule, top_k,
                        {l: hashlib.sha256(thr[l].tobytes()).hexdigest() for l in layers}])
     tallies = {}
     if stages.finished("tally", tally_key):
@@ -577,7 +582,7 @@ def dissect(
         "model": model.spec,
         "weights_hash": model.weights_hash,
         "broden": str(broden.root.resolve()),
-        "broden_hash": broden.content_hash(),
+        "broden_hash": broden_hash,
         "data_hash": store.meta["request"]["manifest_hash"],
         "store": str(store.path),
         "layers": layers,

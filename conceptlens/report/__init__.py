@@ -1,6 +1,11 @@
 """The global model report: a TOML spec in, a self-contained HTML folder out."""
 
-from .build import ReportResult, build_report
-from .spec import SECTIONS, ReportSpec, load_spec
+from .._lazy import lazy_exports
 
 __all__ = ["ReportSpec", "ReportResult", "SECTIONS", "build_report", "load_spec"]
+
+# Submodules load on first use of their names: importing one analyzer loads only its own code.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "build": ["ReportResult", "build_report"],
+    "spec": ["SECTIONS", "ReportSpec", "load_spec"],
+})

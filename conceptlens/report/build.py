@@ -103,6 +103,12 @@ def build_report(spec, out, progress=True, on_stage=None):
     for names in (spec.layers, spec.tcav_layers, spec.dissect_layers, [spec.duplicate_layer] if spec.duplicate_layer else None):
         if names:
             validate_layers(run.model.module, names)
+    # Attribution methods too (e.g. LRP on an exported program whose layers cannot be rebuilt).
+    if "drilldown" in spec.sections or "dataset" in spec.sections:
+        from ..attribution import check_method
+
+        for method in sorted({*spec.drill_methods, *([spec.spray_method] if spec.spray_classes else [])}):
+            check_method(run.model, method)
 
     t0 = time.perf_counter()
     results = {}

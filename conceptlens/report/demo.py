@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..demo_model import train_demo
+from ..models import resolve_device
 from ..world import generate_world
 from .build import build_report
 from .spec import load_spec
@@ -72,13 +73,13 @@ DUPLICATES, LABEL_NOISE = 10, 0.02
 CONCEPT_IMAGES, RUNS = 100, 20
 
 
-def _reuse_or_train(world, weights, epochs, seed, progress):
+def _reuse_or_train(world, weights, epochs, seed, device, progress):
     side_path = Path(weights).with_suffix(".json")
     if side_path.is_file():
         side = json.loads(side_path.read_text())
         if (side.get("world_hash"), side.get("epochs"), side.get("train_seed")) == (world.content_hash, epochs, seed):
             return side, True
-    return train_demo(world.root, weights, epochs=epochs, seed=seed, progress=progress), False
+    return train_demo(world.root, weights, epochs=epochs, seed=seed, device=device, progress=progress), False
 
 
 def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bias=0.9, progress=True, log=None):
@@ -90,6 +91,8 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
         Folder for ``world/``, ``model/``, ``report.toml`` and ``report/``.
     quick : bool
         Smaller world and shorter training.
+    device : str
+        ``auto``, ``cpu`` or ``cuda[:N]``, for training and the report; checked before any work.
     tag_bias : float
         Tag/class association of the training split (0 = an unbiased world).
     log : callable, optional
@@ -99,6 +102,7 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
     -------
     ReportResult
     """
+    resolve_device(device)  # a bad or absent device fails now, not after building the world and training
     log = log or (lambda message: None)
     out = Path(out).resolve()
     n, epochs = (1200, 12) if quick else (2000, 15)
@@ -108,7 +112,7 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
                            label_noise=LABEL_NOISE, n_concept=CONCEPT_IMAGES, progress=progress)
     log(f"[{time.perf_counter() - t0:6.1f} s] concept world: {n} images in {world.root}")
     weights = out / "model" / "demo.pt"
-    side, reused = _reuse_or_train(world, weights, epochs, seed, progress)
+    side, reused = _reuse_or_train(world, weights, epochs, seed, device, progress)
     log(f"[{time.perf_counter() - t0:6.1f} s] demo CNN: test accuracy {side['test_accuracy']:.3f}"
         f"{' (reused)' if reused else ''} ({weights})")
     spec_path = out / "report.toml"

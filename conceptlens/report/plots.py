@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["confusion_plot", "grouped_bars", "depth_plot", "scatter_plot"]
+__all__ = ["confusion_plot", "grouped_bars", "depth_plot", "scatter_plot", "heatmap_scale"]
 
 
 def _save(fig, path):
@@ -81,7 +81,8 @@ def depth_plot(frame, x, group, lines, path, title, ylabel):
 def scatter_plot(xy, values, path, title):
     """2-D embedding scatter coloured by a categorical ``values`` array."""
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    cats = list(dict.fromkeys(values))
+    # Sorted, not first-seen: the same class gets the same colour in every panel (label, true_label, ...).
+    cats = sorted(dict.fromkeys(values), key=str)
     cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
     for i, c in enumerate(cats):
         m = values == c
@@ -91,4 +92,19 @@ def scatter_plot(xy, values, path, title):
     ax.set_title(title, fontsize=10)
     if len(cats) <= 12:
         ax.legend(fontsize=7, markerscale=2, loc="best")
+    return _save(fig, path)
+
+
+def heatmap_scale(path, signed=True):
+    """Colour scale of the attribution heatmaps (``heatmap_rgb``): each map is scaled to ``s``, the
+    99.5th percentile of its own ``|relevance|``, so colours compare regions within a map, not maps."""
+    fig, ax = plt.subplots(figsize=(4.2, 0.75))
+    ramp = np.linspace(-1 if signed else 0, 1, 256)[None, :]
+    ax.imshow(ramp, cmap="bwr" if signed else "inferno", aspect="auto", vmin=-1 if signed else 0, vmax=1,
+              extent=(ramp.min(), 1, 0, 1))
+    ticks = [-1, 0, 1] if signed else [0, 1]
+    names = {-1: "−s: against the class", 0: "0", 1: "+s: for the class"}
+    ax.set_xticks(ticks, [names[t] for t in ticks], fontsize=7)
+    ax.set_yticks([])
+    ax.set_title("relevance, s = 99.5th percentile of |relevance| in each map", fontsize=7)
     return _save(fig, path)

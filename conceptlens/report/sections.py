@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from .cache import fingerprint
-from .plots import confusion_plot, depth_plot, grouped_bars, scatter_plot
+from .plots import confusion_plot, depth_plot, grouped_bars, heatmap_scale, scatter_plot
 from .render import image_block, table_block
 
 __all__ = ["STAGES", "SECTION_BUILDERS"]
@@ -182,20 +182,16 @@ def audit_verdicts(spec, results):
             rows.append({"kind": "concept sensitivity", "name": f"class {r._2} must not be sensitive to concept {r.concept}",
                          "verdict": r.verdict, "evidence": r.evidence})
     if spec.audit_not_decodable and "probes" in results:
-        table = results["probes"].to_frame()
+        probes = results["probes"]
+        probed = set(probes.to_frame()["target"])
         for attr in spec.audit_not_decodable:
-            t = table[table["target"] == attr]
-            if t.empty:
-                rows.append({"kind": "decodability", "name": f"{attr} must not be decodable", "verdict": "inconclusive",
+            name = f"{attr} must not be decodable from the features"
+            if attr not in probed:
+                rows.append({"kind": "decodability", "name": name, "verdict": "inconclusive",
                              "evidence": f"no probe for {attr} (is it a manifest column with 2 or more values?)"})
                 continue
-            bad = t[t["decodable"]]
-            per_layer = "; ".join(f"{r.layer}: accuracy {r.accuracy:.3f} vs control {r.control_accuracy:.3f} "
-                                  f"(selectivity CI low {r.selectivity_ci_low:.3f})" for r in t.itertuples())
-            rows.append({"kind": "decodability", "name": f"{attr} must not be decodable from the features",
-                         "verdict": "fail" if len(bad) else "pass",
-                         "evidence": (f"decodable above its control at {', '.join(bad['layer'])}: " if len(bad) else
-                                      "not decodable above its control at any layer: ") + per_layer})
+            r = probes.audit([attr]).iloc[0]
+            rows.append({"kind": "decodability", "name": name, "verdict": r.verdict, "evidence": r.evidence})
     return rows
 
 
@@ -241,9 +237,8 @@ def stage_representation(run, results):
     targets = list(spec.probe_targets) if spec.probe_targets is not None else _default_targets(run.manifest)
     targets += [t for t in spec.audit_not_decodable if t not in targets]
     if targets:
-        out["probes"] = run.stage("probes", {"layers": layers, "targets": targets},
-                                  lambda d: probe(store, targets, layers, seed=spec.seed, progress=run.progress).save(d),
-                                  ProbeResult.load)
+        out["probes"] = run.stage("probes", {"layers": layers, "targets": targets, "baseline_seed": spec.seed},
+                                  lambda d: _probe_with_baselines(run, store, targets, layers, d).save(d), ProbeResult.load)
     if _wants(spec, "layers"):
         out["embedding"] = run.stage("embedding", {"layer": layers[-1], "method": spec.embed_method},
                                      lambda d: embed(store, layers[-1], spec.embed_method, seed=spec.seed).save(d),
@@ -267,6 +262,31 @@ def stage_representation(run, results):
     return out
 
 
+def _probe_with_baselines(run, store, targets, layers, directory):
+    """Probes against the same layers of a seeded random-init copy and against pooled input pixels,
+    both extracted into the stage's folder (a model without initialisers gets no random-init baseline,
+    and its decodability audits say so)."""
+    import logging
+
+    from ..errors import ConceptLensError
+    from ..models import random_init_copy
+    from ..representation import extract
+    from ..representation.baselines import pixel_layers, pixel_model
+    from ..representation.probes import probe
+
+    spec = run.spec
+    common = dict(batch_size=spec.batch_size, progress=run.progress)
+    try:
+        copy = random_init_copy(run.model, seed=spec.seed)
+    except ConceptLensError as exc:
+        logging.getLogger(__name__).warning("probes without a random-init baseline: %s", exc)
+        baseline = None
+    else:
+        baseline = extract(copy, run.manifest, layers, directory / "baseline-store", pool="mean", **common)
+    pixels = extract(pixel_model(run.model), run.manifest, pixel_layers(), directory / "pixel-store", pool="mean", **common)
+    return probe(store, targets, layers, baseline=baseline, pixels=pixels, seed=spec.seed, progress=run.progress)
+
+
 def _default_targets(manifest):
     """``label`` and every attribute with 2 to 20 distinct values (ids and paths are not targets)."""
     frame = manifest.frame
@@ -285,15 +305,20 @@ def section_layers(page, spec, results):
         table = results["probes"].to_frame()
         depth = {layer: i for i, layer in enumerate(spec.layers)}
         order = table.assign(depth=table["layer"].map(depth)).sort_values(["target", "depth"], kind="stable")
-        path = depth_plot(order, "layer", "target", [("accuracy", "probe", "-"), ("control_accuracy", "control", ":")],
+        path = depth_plot(order, "layer", "target", [("accuracy", "probe", "-"), ("baseline_accuracy", "random-init", ":")],
                           page.asset("probes.png"), "linear probes across depth", "test accuracy")
-        blocks.append(image_block(page, path, "probe accuracy and control accuracy per target across layers",
-                                  caption="solid: probe accuracy; dotted: control task (same colour = same target)"))
-        cols = ["layer", "target", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity",
-                "selectivity_ci_low", "decodable"]
+        blocks.append(image_block(page, path, "probe accuracy of the trained and the random-init network per target across layers",
+                                  caption="solid: the trained network; dotted: the same layer of a random-init copy "
+                                          "(same colour = same target)"))
+        cols = ["layer", "target", "accuracy", "ci_low", "ci_high", "baseline_accuracy", "selectivity", "selectivity_ci_low",
+                "selectivity_ci_high", "pixel_accuracy", "null_accuracy", "p_permutation", "decodable"]
         blocks.insert(0, table_block(page, table[[c for c in cols if c in table]], "probes", "Linear probes per layer",
-                                     "Accuracy of a linear probe on frozen standardized features (bootstrap 95 % CI), its "
-                                     "control task (labels shuffled within each split) and selectivity = accuracy − control."))
+                                     "Accuracy of a linear probe on frozen standardized features (bootstrap 95 % CI); the "
+                                     "same probe on the same layer of a seeded random-init copy of the network "
+                                     "(baseline_accuracy) and on the input pixels pooled to about the layer's size "
+                                     "(pixel_accuracy); selectivity = accuracy − random-init accuracy with a paired CI; "
+                                     "null_accuracy: probes trained on permuted labels, scored on the true test labels. "
+                                     "decodable = the selectivity CI lies above 0: the layer learned it."))
     if "embedding" in results:
         emb = results["embedding"]
         frame = emb.to_frame()
@@ -389,6 +414,7 @@ def section_drilldown(page, spec, results):
             items.append({"src": f"assets/{name}", "alt": f"{m} overlay", "caption": m})
         title = f"{_short(row['image'])}: label {row.get('label', '?')}, predicted {row['predicted_name']}"
         blocks.append({"kind": "gallery", "title": title, "text": text if i == 0 else None, "items": items})
+    blocks.append(_scale_block(page))
     page.table(expl.to_frame(), "drilldown")
     page.section("drilldown", "Drill-down", blocks)
 
@@ -451,25 +477,36 @@ def spray_blocks(page, spec, results):
                 f"method {spec.spray_method}.")
         blocks.append(table_block(page, clusters, f"spray-{_slug(cls)}", f"Explanation strategies of class {cls}", text))
         blocks.append({"kind": "gallery", "title": f"Cluster prototypes (mean relevance), class {cls}", "items": items})
+        blocks.append(_scale_block(page))
         page.table(frame, f"spray-{_slug(cls)}-members")
     return blocks
+
+
+def _scale_block(page):
+    path = page.asset("heatmap-scale.png")
+    if not path.exists():
+        heatmap_scale(path)
+    return image_block(page, path, "colour scale of the heatmaps", caption="heatmap colours (blue-white-red)")
 
 
 def neighbor_blocks(page, spec, results):
     if "neighbors" not in results:
         return []
     nb, dup = results["neighbors"], results["duplicates"]
-    dup_cols = ["train_image", "test_image", "similarity"]
-    issue_cols = ["image", "split", "label", "suggested_label", "agreement"]
-    blocks = [table_block(page, dup.duplicates[dup_cols], "duplicates", "Near-duplicates across splits",
-                          f"Train/test pairs with cosine similarity ≥ {spec.duplicate_threshold} between the layouts of "
+    dup_cols = ["image_a", "image_b", "split_a", "split_b", "similarity", "crosses_splits"]
+    issue_cols = ["image", "split", "label", "p_label", "suggested_label", "p_suggested"]
+    blocks = [table_block(page, dup.duplicates[dup_cols], "duplicates", "Near-duplicate candidates",
+                          f"Pairs of images with cosine similarity ≥ {spec.duplicate_threshold} between the layouts of "
                           f"{dup.layer} pooled to a 4 × 4 grid (FAISS index {dup.index}, mean-centred features): "
-                          f"{len(dup.duplicates)} pairs. Each one leaks the training set into the test set.", max_rows=20)]
+                          f"{len(dup.duplicates)} candidates to look at, {len(dup.leaks)} of them across splits "
+                          "(crosses_splits): only those can leak the training set into the test set.", max_rows=20)]
     if len(nb.label_issues.columns):
         blocks.append(table_block(page, nb.label_issues[[c for c in issue_cols if c in nb.label_issues]], "label_issues",
-                                  "Label-disagreement candidates",
-                                  f"Images whose {nb.indices.shape[1]} nearest neighbours at {nb.layer} mostly carry "
-                                  f"another label: {len(nb.label_issues)} candidates, most suspicious first.", max_rows=20))
+                                  "Label-issue candidates",
+                                  f"Images whose given label is improbable from their {nb.indices.shape[1]} nearest "
+                                  f"neighbours at {nb.layer}: p_label (calibrated out of sample) ≤ "
+                                  f"{nb.params['label_cut']:g}, {len(nb.label_issues)} candidates, most suspicious first.",
+                                  max_rows=20))
     return blocks
 
 

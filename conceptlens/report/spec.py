@@ -210,7 +210,8 @@ def load_spec(path):
     """
     path = Path(path)
     if not path.is_file():
-        raise ConceptLensError(f"report spec {path} does not exist; see data_manifests/report-demo.toml for an example")
+        raise ConceptLensError(f"report spec {path} does not exist; write one, or run `conceptlens demo --quick`, "
+                               "which writes a complete, commented example as conceptlens-demo/report.toml")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

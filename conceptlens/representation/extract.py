@@ -315,7 +315,8 @@ def extract(
         logger.info("activation store %s is complete for this request: reusing it", out)
         return ActivationStore.open(out)
     start = writer.rows_completed
-    batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, start=start)
+    batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
+                          rows=range(start, len(manifest)))
     write_batches(model, batches, layers, writer, pool, dtype, observers=observers, progress=progress)
     if batches.skipped:
         logger.warning("skipped %d unreadable images (listed in %s/meta.json)", len(batches.skipped), out)

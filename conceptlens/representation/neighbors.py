@@ -7,10 +7,19 @@
   (:func:`self_knn`): ``X X^T`` is symmetric, so each block of similarities is computed once and
   serves the rows on both sides, half the multiply-adds of a FAISS ``IndexFlatIP`` search
   (``benchmarks/representation.py`` measures both). Queries from outside the set go to FAISS.
-* **Label-disagreement candidates**: rows whose neighbours mostly carry another label (the label
-  is suspicious, or the image is atypical for its class).
-* **Near-duplicates across splits**: (train, test) pairs whose cosine similarity reaches a
-  threshold - the leakage that inflates test accuracy.
+* **Label-issue candidates**, ranked by ``p_label``: the probability of the row's *given* label
+  estimated from its neighbours' labels (self excluded), calibrated out of sample - an isotonic
+  regression of "carries the class" on the fraction of neighbours voting for it, cross-fitted over
+  seeded folds, so a row's own label never calibrates its own score (:func:`label_probability`).
+  The default cut ``p_label <= 0.1`` flags labels that fewer than 1 in 10 rows with such a
+  neighbourhood carry; ``benchmarks/representation.py`` reports precision and recall at that cut on
+  worlds with planted label noise.
+* **Near-duplicate candidates**: pairs of the k-NN graph that are much closer than images usually
+  are to their nearest neighbour: cosine distance ``d = sqrt(2 - 2 cos)`` at most
+  ``duplicate_ratio`` (default 0.3) times the median nearest-neighbour distance of the set (or,
+  if given, cosine ``>= duplicate_threshold``). Each pair keeps its similarity and
+  ``crosses_splits``; only a pair that crosses splits is a possible leak of the training set into
+  the test set (:attr:`NeighborResult.leaks`).
 
 Features are mean-centred before normalisation by default: activations after a ReLU are
 non-negative, so raw cosines of unrelated images crowd near 1 and a threshold separates little.
@@ -25,14 +34,17 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConceptLensError
-from ._common import check_column, check_layers, layer_features, open_store, read_csv, read_json, store_provenance, write_result
+from ._common import TEXT_COLUMNS, check_column, check_layers, layer_features, open_store, read_csv, read_json, store_provenance, write_result
 
-__all__ = ["NeighborResult", "neighbors", "knn", "self_knn", "build_index", "label_disagreement", "cross_split_duplicates"]
+__all__ = ["NeighborResult", "neighbors", "knn", "self_knn", "build_index", "label_votes", "label_probability",
+           "duplicate_candidates"]
 
 logger = logging.getLogger(__name__)
 
-DUPLICATE_COLUMNS = ["train_row", "test_row", "train_manifest_row", "test_manifest_row", "train_image", "test_image", "similarity"]
-ISSUE_COLUMNS = ["row", "manifest_row", "image", "split", "label", "suggested_label", "agreement", "suggested_fraction"]
+DUPLICATE_COLUMNS = ["row_a", "row_b", "manifest_row_a", "manifest_row_b", "image_a", "image_b", "split_a", "split_b",
+                     "similarity", "distance_ratio", "crosses_splits"]
+ISSUE_COLUMNS = ["row", "manifest_row", "image", "split", "label", "p_label", "suggested_label", "p_suggested", "agreement",
+                 "suggested_fraction"]
 
 
 def _faiss():
@@ -224,7 +236,7 @@ def _drop_self(inds, sims, k):
 
 @dataclass(frozen=True)
 class NeighborResult:
-    """k-NN graph of one layer, label-disagreement candidates and cross-split near-duplicates.
+    """k-NN graph of one layer, label-issue candidates and near-duplicate candidates.
 
     Attributes
     ----------
@@ -235,12 +247,20 @@ class NeighborResult:
     rows : DataFrame
         The store rows.
     label_issues : DataFrame
-        Candidates, most suspicious first: ``row`` (store row), ``manifest_row``, ``image``,
-        ``split``, ``label``, ``suggested_label`` (most common label among the neighbours),
-        ``agreement`` (fraction of neighbours sharing the row's label), ``suggested_fraction``.
+        Candidates with ``p_label <= label_cut``, most suspicious first: ``row`` (store row),
+        ``manifest_row``, ``image``, ``split``, ``label``, ``p_label`` (out-of-sample calibrated
+        probability of the given label from the neighbours' labels), ``suggested_label`` and
+        ``p_suggested`` (the most probable label and its probability), ``agreement`` (raw
+        fraction of labelled neighbours sharing the row's label), ``suggested_fraction`` (raw
+        fraction voting for the suggested label).
     duplicates : DataFrame
-        Pairs above the threshold, most similar first: ``train_row, test_row,
-        train_manifest_row, test_manifest_row, train_image, test_image, similarity``.
+        Near-duplicate candidate pairs, most similar first: ``row_a, row_b, manifest_row_a,
+        manifest_row_b, image_a, image_b, split_a, split_b, similarity`` (cosine),
+        ``distance_ratio`` (cosine distance over the median nearest-neighbour distance) and
+        ``crosses_splits`` (the two rows are in different splits; ``a`` is then the ``train`` one
+        when there is one).
+    label_probability : ndarray [N]
+        ``p_label`` of every row (NaN where unlabelled or not computed), for other cuts.
     layer : str
     index : str
         ``"Flat"`` (exact) or the FAISS ``index_factory`` string used.
@@ -253,10 +273,16 @@ class NeighborResult:
     rows: pd.DataFrame = field(repr=False)
     label_issues: pd.DataFrame = field(repr=False)
     duplicates: pd.DataFrame = field(repr=False)
+    label_probability: np.ndarray = field(repr=False)
     layer: str
     index: str
     params: dict = field(repr=False)
     provenance: dict = field(repr=False)
+
+    @property
+    def leaks(self):
+        """Near-duplicate candidates that cross splits (e.g. train/test): possible leaks of the training set."""
+        return self.duplicates[self.duplicates["crosses_splits"]].reset_index(drop=True)
 
     def to_frame(self):
         """The k-NN graph in long form: ``row, rank, neighbor, similarity`` (ranks from 1)."""
@@ -270,81 +296,156 @@ class NeighborResult:
 
     def save(self, directory):
         """Write ``duplicates.csv``, ``label_issues.csv``, ``rows.csv``, ``knn_indices.npy``,
-        ``knn_similarities.npy`` and ``neighbors.json``."""
+        ``knn_similarities.npy``, ``label_probability.npy`` and ``neighbors.json``."""
         meta = {"layer": self.layer, "index": self.index, "params": self.params, "provenance": self.provenance}
         return write_result(
             directory,
             {"duplicates.csv": self.duplicates, "label_issues.csv": self.label_issues, "rows.csv": self.rows},
             ("neighbors.json", meta),
-            {"knn_indices.npy": self.indices, "knn_similarities.npy": self.similarities},
+            {"knn_indices.npy": self.indices, "knn_similarities.npy": self.similarities,
+             "label_probability.npy": self.label_probability},
         )
 
     @classmethod
     def load(cls, directory):
         """Read a result written by :meth:`save`."""
         meta = read_json(directory, "neighbors.json", "neighbors")
+        dups = pd.read_csv(f"{directory}/duplicates.csv", keep_default_na=False,
+                           dtype={**TEXT_COLUMNS, "image_a": str, "image_b": str, "split_a": str, "split_b": str})
+        dups["crosses_splits"] = dups["crosses_splits"].astype(str).str.lower() == "true"
         return cls(
             indices=np.load(f"{directory}/knn_indices.npy", allow_pickle=False),
             similarities=np.load(f"{directory}/knn_similarities.npy", allow_pickle=False),
             rows=read_csv(f"{directory}/rows.csv"),
             label_issues=read_csv(f"{directory}/label_issues.csv"),
-            duplicates=read_csv(f"{directory}/duplicates.csv"),
+            duplicates=dups,
+            label_probability=np.load(f"{directory}/label_probability.npy", allow_pickle=False),
             layer=meta["layer"], index=meta["index"], params=meta["params"], provenance=meta["provenance"],
         )
 
 
-def label_disagreement(indices, labels, max_agreement=0.5):
-    """Rows whose neighbours mostly carry another label.
+def label_votes(indices, labels):
+    """Neighbour label votes per row.
 
     Parameters
     ----------
     indices : ndarray [N, k]
         Neighbour rows (``-1`` = none).
     labels : array [N]
-        Labels (``""`` = unlabelled: ignored as row and as neighbour).
-    max_agreement : float
-        A row is a candidate when at most this fraction of its labelled neighbours shares its
-        label and the most common neighbour label is another one.
+        Labels (``""`` = unlabelled: ignored as neighbour).
 
     Returns
     -------
-    candidates : ndarray of int
-        Row indices, most suspicious first.
-    agreement, suggested, suggested_fraction : ndarray [N]
+    classes : ndarray [C]
+        The distinct non-empty labels.
+    codes : ndarray [N] int
+        Each row's class index (-1 = unlabelled).
+    votes : ndarray [N, C]
+        Count of each class among the row's labelled neighbours.
     """
     labels = np.asarray(labels).astype(str)
     classes, codes = np.unique(labels, return_inverse=True)
-    unlabelled = np.flatnonzero(classes == "")
-    codes = np.where(np.isin(codes, unlabelled), -1, codes)
+    keep = classes != ""
+    remap = np.where(keep, np.cumsum(keep) - 1, -1)
+    classes, codes = classes[keep], remap[codes]
     nb = np.where(indices >= 0, codes[np.clip(indices, 0, None)], -1)
     votes = np.zeros((len(labels), len(classes)))
     rows = np.repeat(np.arange(len(labels)), indices.shape[1])
     ok = nb.ravel() >= 0
     np.add.at(votes, (rows[ok], nb.ravel()[ok]), 1.0)
-    total = votes.sum(axis=1)
+    return classes, codes, votes
+
+
+def label_probability(votes, codes, n_folds=5, seed=0):
+    """Out-of-sample calibrated probability that a row carries each class, from its neighbour votes.
+
+    For every (row, class) pair the feature is the fraction ``f`` of the row's labelled neighbours
+    voting for that class, the target whether the row's given label is that class. An isotonic
+    (monotone) regression of target on ``f`` - a histogram calibration with as many bins as the
+    fraction takes values - is cross-fitted: each row is scored by a fit on the other folds
+    (seeded, stratified when possible), so no row's own label calibrates its own score. ``p`` is
+    then the held-out rate at which rows whose neighbourhood votes ``f`` for a class carry that
+    class: ``p_label <= 0.1`` means fewer than 1 in 10 such rows carry the label this row has.
+    (One-vs-rest: a row's probabilities need not sum to 1.)
+
+    Parameters
+    ----------
+    votes : ndarray [N, C]
+        Neighbour label counts (:func:`label_votes`).
+    codes : ndarray [N]
+        Given class index per row (-1 = unlabelled: not fitted, scored by the average of the folds' fits).
+    n_folds : int
+        Cross-fitting folds.
+    seed : int
+        Seeds the fold assignment.
+
+    Returns
+    -------
+    ndarray [N, C]
+        Calibrated probabilities (NaN for rows without labelled neighbours).
+    """
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    n, c = votes.shape
+    total = votes.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        frac = votes / total[:, None]
-    own = np.where(codes >= 0, frac[np.arange(len(labels)), np.clip(codes, 0, None)], np.nan)
-    best = np.argmax(votes, axis=1)
-    best_frac = frac[np.arange(len(labels)), best]
-    flagged = (codes >= 0) & (total > 0) & (own <= max_agreement) & (best != codes)
-    order = np.flatnonzero(flagged)
-    order = order[np.lexsort((order, -best_frac[order], own[order]))]
-    return order, own, classes[best], best_frac
+        frac = np.where(total > 0, votes / total, np.nan)
+    proba = np.full((n, c), np.nan)
+    labelled = np.flatnonzero((codes >= 0) & (total[:, 0] > 0))
+    if c < 2 or len(labelled) < 2 * n_folds:
+        raise ConceptLensError(f"label-issue scores need at least two labels and {2 * n_folds} labelled rows with labelled "
+                               f"neighbours (n_folds={n_folds}); got {c} label(s) and {len(labelled)} row(s)")
+    y = codes[labelled]
+    counts = np.bincount(y, minlength=c)
+    splitter = (StratifiedKFold(n_folds, shuffle=True, random_state=seed) if counts[counts > 0].min() >= n_folds
+                else KFold(n_folds, shuffle=True, random_state=seed))
+    onehot = (y[:, None] == np.arange(c)[None, :]).astype(np.float64)
+    fits = []
+    for tr, te in splitter.split(labelled, y):
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        iso.fit(frac[labelled[tr]].ravel(), onehot[tr].ravel())
+        proba[labelled[te]] = iso.predict(frac[labelled[te]].ravel()).reshape(len(te), c)
+        fits.append(iso)
+    rest = np.flatnonzero((codes < 0) & (total[:, 0] > 0))
+    if len(rest):  # no own label to leak: average the folds' fits
+        proba[rest] = np.mean([iso.predict(frac[rest].ravel()) for iso in fits], axis=0).reshape(len(rest), c)
+    return proba
 
 
-def cross_split_duplicates(x_norm, split, threshold, k=5, index="Flat", nprobe=None):
-    """(train, test) row pairs with cosine similarity >= ``threshold``; ``x_norm`` normalised."""
-    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    if len(train) == 0 or len(test) == 0:
-        logger.info("no train/test pair possible (%d train, %d test rows): no duplicate search", len(train), len(test))
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
-    kk = min(k, len(train))
-    sims, inds = build_index(x_norm[train], index, nprobe).search(x_norm[test], kk)
-    hit = (sims >= threshold) & (inds >= 0)
-    ti, rank = np.nonzero(hit)
-    pairs = np.stack([train[inds[ti, rank]], test[ti]], axis=1)
-    return pairs, sims[ti, rank]
+def duplicate_candidates(indices, similarities, ratio=0.3, threshold=None):
+    """Pairs of the k-NN graph much closer than the typical nearest neighbour.
+
+    Parameters
+    ----------
+    indices, similarities : ndarray [N, k]
+        The k-NN graph (self excluded, cosine similarities).
+    ratio : float
+        A pair is a candidate when its cosine distance ``sqrt(2 - 2 cos)`` is at most ``ratio``
+        times the median nearest-neighbour distance over the rows.
+    threshold : float, optional
+        Instead: cosine similarity at or above which a pair is a candidate.
+
+    Returns
+    -------
+    pairs : ndarray [P, 2] int64
+        ``(a, b)`` with ``a < b``, each pair once.
+    similarity, distance_ratio : ndarray [P]
+    median_nn_distance : float
+    """
+    sims = np.asarray(similarities, dtype=np.float64)
+    dist = np.sqrt(np.clip(2.0 - 2.0 * sims, 0.0, None))
+    first = dist[:, 0][np.isfinite(dist[:, 0]) & (indices[:, 0] >= 0)]
+    median = float(np.median(first)) if len(first) else np.nan
+    ok = (indices >= 0) & np.isfinite(sims)
+    hit = ok & ((sims >= threshold) if threshold is not None else (dist <= ratio * median))
+    i, r = np.nonzero(hit)
+    j = indices[i, r]
+    pairs = np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1).astype(np.int64)
+    pairs, first_at = np.unique(pairs, axis=0, return_index=True)
+    s = sims[i, r][first_at]
+    ratio_out = dist[i, r][first_at] / median if median > 0 else np.full(len(s), np.nan)
+    return pairs, s.astype(np.float32), ratio_out, median
 
 
 def neighbors(
@@ -356,11 +457,13 @@ def neighbors(
     nprobe=None,
     center=True,
     label_column="label",
-    max_agreement=0.5,
-    duplicate_threshold=0.97,
-    duplicates_per_image=5,
+    label_cut=0.1,
+    n_folds=5,
+    seed=0,
+    duplicate_ratio=0.3,
+    duplicate_threshold=None,
 ):
-    """k-NN of every row, label-disagreement candidates and near-duplicates across splits.
+    """k-NN of every row, label-issue candidates and near-duplicate candidates.
 
     Parameters
     ----------
@@ -378,13 +481,17 @@ def neighbors(
     center : bool
         Subtract the mean feature before normalising (see the module docstring).
     label_column : str or None
-        Column for label-disagreement candidates (``None``: skip them).
-    max_agreement : float
-        See :func:`label_disagreement`.
-    duplicate_threshold : float
-        Cosine similarity at or above which a (train, test) pair is reported.
-    duplicates_per_image : int
-        At most this many train matches are reported per test image.
+        Column for label-issue candidates (``None``: skip them).
+    label_cut : float
+        A row is a label-issue candidate when ``p_label`` (calibrated probability of its given
+        label, :func:`label_probability`) is at most this (default 0.1).
+    n_folds, seed : int
+        Cross-fitting folds of the calibration and their seed.
+    duplicate_ratio : float
+        Near-duplicate cut: cosine distance at most this times the median nearest-neighbour
+        distance (default 0.3; see :func:`duplicate_candidates`).
+    duplicate_threshold : float, optional
+        Absolute cut instead: cosine similarity at or above this.
 
     Returns
     -------
@@ -392,48 +499,71 @@ def neighbors(
     """
     store = open_store(store)
     layer = check_layers(store, [layer] if layer is not None else store.layers[-1:], "layer")[0]
-    if not -1 <= duplicate_threshold <= 1:
+    if duplicate_threshold is not None and not -1 <= duplicate_threshold <= 1:
         raise ConceptLensError(f"the duplicate_threshold parameter is a cosine similarity in [-1, 1]; got {duplicate_threshold!r}")
-    if not 0 <= max_agreement < 1:
-        raise ConceptLensError(f"the max_agreement parameter must be in [0, 1); got {max_agreement!r}")
+    if not 0 < duplicate_ratio < 1:
+        raise ConceptLensError(f"the duplicate_ratio parameter must be in (0, 1); got {duplicate_ratio!r}")
+    if not 0 < label_cut < 1:
+        raise ConceptLensError(f"the label_cut parameter is a probability in (0, 1); got {label_cut!r}")
+    if int(n_folds) < 2:
+        raise ConceptLensError(f"the n_folds parameter must be at least 2; got {n_folds!r}")
     rows = store.rows
     x = layer_features(store, layer)
     xn = _normalise(x, center)
     inds, sims = knn(xn, k, index=index, nprobe=nprobe, center=False)
+    split = rows["split"].astype(str).to_numpy() if "split" in rows.columns else np.full(len(rows), "")
 
     issues = pd.DataFrame(columns=ISSUE_COLUMNS)
+    p_label = np.full(len(rows), np.nan)
     if label_column is not None:
         check_column(rows, label_column, "label_column", f"the manifest of store {store.path}")
         labels = rows[label_column].astype(str).to_numpy()
-        order, own, suggested, frac = label_disagreement(inds, labels, max_agreement)
+        classes, codes, votes = label_votes(inds, labels)
+        proba = label_probability(votes, codes, int(n_folds), seed)
+        rr = np.arange(len(rows))
+        p_label = np.where(codes >= 0, proba[rr, np.clip(codes, 0, None)], np.nan)
+        total = votes.sum(axis=1)
+        best = np.argmax(votes, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            own_frac = np.where(codes >= 0, votes[rr, np.clip(codes, 0, None)] / total, np.nan)
+            best_frac = votes[rr, best] / total
+        flagged = np.flatnonzero((codes >= 0) & (total > 0) & (p_label <= label_cut))
+        order = flagged[np.lexsort((flagged, own_frac[flagged], p_label[flagged]))]
         issues = pd.DataFrame({
             "row": order,
             "manifest_row": rows["manifest_row"].to_numpy()[order],
             "image": rows["image"].to_numpy()[order],
-            "split": rows["split"].to_numpy()[order] if "split" in rows else "",
+            "split": split[order],
             "label": labels[order],
-            "suggested_label": suggested[order],
-            "agreement": own[order],
-            "suggested_fraction": frac[order],
+            "p_label": p_label[order],
+            "suggested_label": classes[best[order]],
+            "p_suggested": proba[order, best[order]],
+            "agreement": own_frac[order],
+            "suggested_fraction": best_frac[order],
         })
 
-    dups = pd.DataFrame(columns=DUPLICATE_COLUMNS)
-    if "split" in rows.columns:
-        pairs, psims = cross_split_duplicates(xn, rows["split"].to_numpy(), duplicate_threshold, duplicates_per_image, index, nprobe)
-        order = np.lexsort((pairs[:, 1], pairs[:, 0], -psims)) if len(pairs) else np.zeros(0, dtype=int)
-        pairs, psims = pairs[order], psims[order]
-        mr, im = rows["manifest_row"].to_numpy(), rows["image"].to_numpy()
-        dups = pd.DataFrame({
-            "train_row": pairs[:, 0], "test_row": pairs[:, 1],
-            "train_manifest_row": mr[pairs[:, 0]], "test_manifest_row": mr[pairs[:, 1]],
-            "train_image": im[pairs[:, 0]], "test_image": im[pairs[:, 1]], "similarity": psims,
-        })
-    else:
-        logger.info("the manifest has no 'split' column: no cross-split duplicate search")
+    pairs, psims, pratio, median = duplicate_candidates(inds, sims, duplicate_ratio, duplicate_threshold)
+    a, b = pairs[:, 0], pairs[:, 1]
+    crosses = split[a] != split[b]
+    swap = crosses & (split[b] == "train")  # the train side first
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    order = np.lexsort((b, a, -psims)) if len(pairs) else np.zeros(0, dtype=int)
+    a, b, psims, pratio, crosses = a[order], b[order], psims[order], pratio[order], crosses[order]
+    mr, im = rows["manifest_row"].to_numpy(), rows["image"].to_numpy()
+    dups = pd.DataFrame({
+        "row_a": a, "row_b": b, "manifest_row_a": mr[a], "manifest_row_b": mr[b], "image_a": im[a], "image_b": im[b],
+        "split_a": split[a], "split_b": split[b], "similarity": psims, "distance_ratio": pratio, "crosses_splits": crosses,
+    }, columns=DUPLICATE_COLUMNS)
     how = "exact blocked symmetric self-join" if index == "Flat" else f"FAISS {index}"
-    logger.info("neighbors of %s (%s): %d label-issue candidates, %d duplicate pairs", layer, how, len(issues), len(dups))
+    dup_rule = (f"cosine >= {duplicate_threshold}" if duplicate_threshold is not None else
+                f"cosine distance <= {duplicate_ratio} x the median nearest-neighbour distance ({median:.4g})")
+    logger.info("neighbors of %s (%s): %d label-issue candidates (p_label <= %g), %d near-duplicate candidates (%s), "
+                "%d of them across splits", layer, how, len(issues), label_cut, len(dups), dup_rule, int(crosses.sum()))
     params = {"k": k, "index": index, "knn": how, "nprobe": nprobe, "metric": "cosine (inner product on L2-normalised features)",
-              "center": bool(center), "label_column": label_column, "max_agreement": max_agreement,
-              "duplicate_threshold": duplicate_threshold, "duplicates_per_image": duplicates_per_image}
+              "center": bool(center), "label_column": label_column, "label_cut": label_cut,
+              "label_score": ("p_label: held-out rate at which rows with this neighbour-vote fraction carry the label "
+                              f"(isotonic calibration of the vote fraction, cross-fitted over {n_folds} seeded folds)"),
+              "n_folds": n_folds, "seed": seed, "duplicate_ratio": duplicate_ratio, "duplicate_threshold": duplicate_threshold,
+              "duplicate_rule": dup_rule, "median_nn_distance": median}
     return NeighborResult(indices=inds, similarities=sims, rows=rows, label_issues=issues, duplicates=dups,
-                          layer=layer, index=index, params=params, provenance=store_provenance(store))
+                          label_probability=p_label, layer=layer, index=index, params=params, provenance=store_provenance(store))

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 META = "meta.json"
 ROWS = "rows.csv"
+#: Layout of ``meta.json``; part of every store's hash, so a store of an older layout is rebuilt, not misread.
+#: 2: skipped images are listed as ``{manifest_row, image, error}`` (1 had ``row``).
+FORMAT = "conceptlens-activation-store-2"
 
 
 def request_hash(request):
@@ -105,7 +108,7 @@ class ActivationStore:
 
     @property
     def skipped(self):
-        """Images skipped as unreadable (``--skip-bad``): list of ``{row, image, error}``."""
+        """Images skipped as unreadable (``--skip-bad``): list of ``{manifest_row, image, error}``."""
         return list(self.meta.get("skipped", []))
 
     def _check_layer(self, layer):
@@ -148,7 +151,7 @@ class StoreWriter:
     def __init__(self, path, request, n_manifest_rows):
         self.path = Path(path)
         self.request = request
-        self.hash = request_hash(request)
+        self.hash = request_hash({"format": FORMAT, **request})
         self.n_manifest_rows = n_manifest_rows
         self.meta = None
         self._offsets = {}
@@ -201,7 +204,7 @@ class StoreWriter:
             self._offsets[layer] = arr.offset
             del arr
         self.meta = {
-            "format": "conceptlens-activation-store-1",
+            "format": FORMAT,
             "version": __version__,
             "request": self.request,
             "hash": self.hash,
@@ -227,7 +230,7 @@ class StoreWriter:
                 os.pwrite(f.fileno(), arr.tobytes(), self._offsets[layer] + self.meta["n_rows"] * row_bytes)
         self.meta["n_rows"] += n or 0
         self.meta["rows_completed"] = rows_completed
-        self.meta["skipped"].extend({"row": s.row, "image": s.image, "error": s.error} for s in skipped)
+        self.meta["skipped"].extend(s.to_dict() for s in skipped)
         _write_json(self.path / META, self.meta)
 
     def finish(self, manifest_frame):
@@ -247,7 +250,7 @@ class StoreWriter:
                 dst.flush()
                 del src, dst
                 os.replace(tmp, file)
-        skipped_rows = {s["row"] for s in self.meta["skipped"]}
+        skipped_rows = {s["manifest_row"] for s in self.meta["skipped"]}
         keep = [i for i in range(self.n_manifest_rows) if i not in skipped_rows]
         rows = manifest_frame.iloc[keep].copy()
         rows.insert(0, "manifest_row", keep)

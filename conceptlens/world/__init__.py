@@ -7,6 +7,11 @@ co-occurs with one class in training, a hidden hollow/solid sub-class, label noi
 near-duplicates across splits.
 """
 
-from .generate import PRESETS, World, WorldConfig, generate_world
+from .._lazy import lazy_exports
 
 __all__ = ["WorldConfig", "World", "generate_world", "PRESETS"]
+
+# Submodules load on first use of their names: importing one analyzer loads only its own code.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "generate": ["PRESETS", "World", "WorldConfig", "generate_world"],
+})

@@ -1,0 +1,97 @@
+"""``--skip-bad`` in extract, attribute and spray: bad images are skipped, counted and listed in the
+results under one row numbering (the 0-based ``manifest_row``), and errors name the row and the CSV
+line; images of an in-memory list are named by their file."""
+
+import json
+import shutil
+
+import pytest
+
+from conceptlens.attribution import explain, spray_class
+from conceptlens.cli import main
+from conceptlens.data import Manifest, Preprocessing, make_loader
+from conceptlens.errors import ConceptLensError
+from conceptlens.models import load_model
+from conceptlens.representation.extract import extract
+
+from tiny_demo import build_tiny_demo
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_demo(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def broken(tmp_path, tiny):
+    """A copy of the tiny world's manifest and images with one corrupt and one missing image of the
+    same class, at rows that are not the class's first rows (so a position within the class differs
+    from the manifest row)."""
+    world, weights = tiny
+    shutil.copytree(world / "images", tmp_path / "images")
+    shutil.copy(world / "manifest.csv", tmp_path / "manifest.csv")
+    manifest = Manifest.read(tmp_path / "manifest.csv")
+    rows = manifest.frame.index[manifest.frame["label"] == "circle"][[1, 3]].tolist()
+    (manifest.root / manifest.frame["image"][rows[0]]).write_bytes(b"not a png")
+    (manifest.root / manifest.frame["image"][rows[1]]).unlink()
+    return load_model(f"demo:{weights}", device="cpu"), manifest, rows
+
+
+def test_error_names_manifest_row_and_csv_line(broken):
+    model, manifest, (bad, _) = broken
+    image = manifest.frame["image"][bad]
+    message = rf"image {image} at manifest row {bad} \(line {bad + 2} of .*manifest.csv\): cannot decode.*--skip-bad"
+    with pytest.raises(ConceptLensError, match=message):
+        explain(model, manifest, "saliency")
+    with pytest.raises(ConceptLensError, match=message):  # a class's rows keep their manifest numbers
+        spray_class(model, manifest, "circle", method="saliency")
+
+
+def test_extract_attribute_and_spray_list_the_same_rows(tmp_path, broken):
+    model, manifest, rows = broken
+    store = extract(model, manifest, ["conv4"], tmp_path / "store", skip_bad=True, progress=False)
+    expl = explain(model, manifest, "saliency", skip_bad=True)
+    sp = spray_class(model, manifest, "circle", method="saliency", skip_bad=True)
+    for skipped in (store.skipped, list(expl.skipped), list(sp.skipped)):
+        assert [s["manifest_row"] for s in skipped] == rows
+        assert "cannot decode" in skipped[0]["error"] and skipped[1]["error"] == "file not found"
+    assert len(expl.rows) == len(manifest) - 2 and not set(rows) & set(expl.rows["manifest_row"])
+    circles = set(manifest.frame.index[manifest.frame["label"] == "circle"]) - set(rows)
+    assert set(sp.rows["manifest_row"]) == circles and len(sp.labels) == len(circles)
+
+    d = expl.save(tmp_path / "expl")
+    for name in ("index.json", "meta.json"):
+        assert [s["manifest_row"] for s in json.loads((d / name).read_text())["skipped"]] == rows
+    assert [s["manifest_row"] for s in type(expl).load(d).skipped] == rows
+    d = sp.save(tmp_path / "spray")
+    assert [s["manifest_row"] for s in json.loads((d / "meta.json").read_text())["skipped"]] == rows
+    assert [s["manifest_row"] for s in type(sp).load(d).skipped] == rows
+
+
+@pytest.mark.parametrize("command", ["attribute", "spray"])
+def test_skip_bad_from_the_cli(tmp_path, broken, command, capsys):
+    model, manifest, rows = broken
+    common = ["-q", command, "--model", model.spec, "--data", str(manifest.path), "--out", str(tmp_path / "out")]
+    extra = ["--methods", "saliency", "--limit", str(rows[1] + 1)] if command == "attribute" else \
+        ["--class", "circle", "--method", "saliency"]
+    assert main(common + extra) == 2
+    assert f"at manifest row {rows[0]} (line {rows[0] + 2} of" in capsys.readouterr().err
+    assert main(common + extra + ["--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable images" in out and f"manifest row {rows[1]}:" in out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert [s["manifest_row"] for s in meta["skipped"]] == rows
+
+
+def test_in_memory_images_are_named_by_their_file(tmp_path):
+    good, bad = tmp_path / "red" / "a.png", tmp_path / "red" / "b.png"
+    bad.parent.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(good)
+    bad.write_bytes(b"not a png")
+    concepts = Manifest.from_images([good, bad], kind="concept image")
+    with pytest.raises(ConceptLensError, match=rf"^concept image {bad}: cannot decode image"):
+        list(make_loader(concepts, Preprocessing()))
+    with pytest.raises(ConceptLensError, match=rf"^image {bad}: cannot decode image"):  # the default kind
+        list(make_loader(Manifest.from_images([good, bad]), Preprocessing()))
