@@ -129,7 +129,8 @@ def _print_skipped(skipped):
     if skipped:
         print(f"  skipped {len(skipped)} unreadable images:")
         for s in skipped:
-            print(f"    manifest row {s['manifest_row']}: {s['image']}: {s['error']}")
+            where = f"manifest row {s['manifest_row']}" if s.get("manifest_row") is not None else s["source"]
+            print(f"    {where}: {s['image']}: {s['error']}")
 
 
 def _print_report(result):
@@ -195,7 +196,7 @@ def _store_from_args(args, columns=None, layer=None):
 
 def _probe_baselines(args, store):
     """``--baseline-store``/``--pixels-store``, or (with ``--model/--data``) the random-init copy and the
-    pooled pixels extracted into ``<out>/baseline-activations`` and ``<out>/pixel-activations``."""
+    pooled pixels extracted into ``<out>/baseline-store`` and ``<out>/pixel-store``."""
     from .representation.store import ActivationStore
 
     if args.store is not None:
@@ -204,19 +205,14 @@ def _probe_baselines(args, store):
     if args.baseline_store or args.pixels_store:
         raise ConceptLensError("--baseline-store/--pixels-store go with --store; with --model/--data the baselines are extracted")
     from .data import Manifest
-    from .models import load_model, random_init_copy
-    from .representation.baselines import pixel_layers, pixel_model
-    from .representation.extract import extract
+    from .models import load_model
+    from .representation.baselines import extract_baselines
 
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     manifest = Manifest.read(args.data)
-    prep = _preprocessing(args, model, manifest)
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad, preprocessing=prep,
-                  progress=not args.quiet)
-    base = extract(random_init_copy(model, seed=args.baseline_seed), manifest, args.layers,
-                   Path(args.out) / "baseline-activations", pool=args.pool, **common)
-    pixels = extract(pixel_model(model), manifest, pixel_layers(), Path(args.out) / "pixel-activations", pool="mean", **common)
-    return base, pixels
+    return extract_baselines(model, manifest, args.layers, args.out, seed=args.baseline_seed, pool=args.pool,
+                             batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
+                             preprocessing=_preprocessing(args, model, manifest), progress=not args.quiet)
 
 
 def _cmd_probe(args):
@@ -327,6 +323,7 @@ def _cmd_spray(args):
 
 def _cmd_tcav(args):
     from .concepts import TCAV
+    from .concepts.stats import format_p
     from .data import Manifest
     from .models import load_model
 
@@ -338,25 +335,30 @@ def _cmd_tcav(args):
     if bad:
         raise ConceptLensError(f"--audit takes concept:class pairs; got {bad[0]!r}")
     tcav = TCAV(model, args.layers, method=args.method, pool=args.pool, design=args.design, runs=args.runs,
-                concept_size=args.concept_size, random_size=args.random_size, test=args.test,
-                correction=args.correction, alpha=args.alpha, min_accuracy=args.min_accuracy, seed=args.seed,
-                batch_size=args.batch_size, num_workers=args.workers, preprocessing=_preprocessing(args, model, manifest),
-                progress=not args.quiet)
+                null_runs=args.null_runs, concept_size=args.concept_size, test=args.test, correction=args.correction,
+                alpha=args.alpha, margin=args.margin, gate_quantile=args.gate_quantile, seed=args.seed,
+                batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
+                preprocessing=_preprocessing(args, model, manifest), progress=not args.quiet)
     result = tcav.run(args.concepts, args.random_pool, args.classes, manifest, split=args.split,
                       max_inputs=args.max_inputs, concept_names=args.concept_names)
     out = result.save(args.out)
     table = result.to_frame()
+    params = result.provenance["parameters"]
     print(f"TCAV: {len(table)} tests ({table['concept'].nunique()} concepts x {table['layer'].nunique()} layers x "
-          f"{table['class'].nunique()} classes), {int(table['significant'].sum())} significant at alpha {args.alpha} "
-          f"({args.correction}); table in {out / 'tcav.csv'}")
+          f"{table['class'].nunique()} classes; {params['runs']} runs of {params['concept_size']} concept vs "
+          f"{params['random_size']} random images, {params['null_runs']} null runs), {int(table['significant'].sum())} "
+          f"significant at alpha {args.alpha} ({args.correction}), {int((~table['cav_ok']).sum())} not tested (CAV gate); "
+          f"table in {out / 'tcav.csv'}")
     for r in table[table["significant"]].itertuples():
-        print(f"  {r.concept:<12} {r.layer:<16} {r._3:<12} score {r.score_mean:.3f} vs null {r.null_mean:.3f}  p_adj {r.p_adjusted:.2g}")
+        print(f"  {r.concept:<12} {r.layer:<16} {r._3:<12} score {r.score_mean:.3f} vs null {r.null_mean:.3f} "
+              f"({r.direction} sensitive than random)  p_adj {format_p(r.p_adjusted)}")
     if audit:
         verdicts = result.audit(audit)
         verdicts.to_csv(out / "audit.csv", index=False)
         for r in verdicts.itertuples():
-            print(f"  audit {r.concept}:{r._2}: {r.verdict.upper()} - {r.evidence}")
-        print(f"audit verdicts in {out / 'audit.csv'}")
+            print(f"  audit {r.concept}:{r._2}: {r.verdict.upper()} - {r.evidence}" + (f"; to decide: {r.fix}" if r.fix else ""))
+        print(f"audit verdicts in {out / 'audit.csv'} (margin ±{params['margin']:g}, alpha {params['alpha']:g})")
+    _print_skipped(result.skipped)
 
 
 def _cmd_dissect(args):
@@ -442,7 +444,7 @@ def build_parser():
     _add_store_source_args(p)
     p.add_argument("--baseline-store", default=None,
                    help="with --store: store of the same layers of a random-init copy (with --model/--data it is extracted "
-                        "into OUT/baseline-activations)")
+                        "into OUT/baseline-store)")
     p.add_argument("--pixels-store", default=None, help="with --store: store of pooled input pixels (optional)")
     p.add_argument("--baseline-seed", type=int, default=0, help="seed of the random-init copy (default 0)")
     p.add_argument("--targets", type=_csv_list, default=["label"], help="manifest columns to predict (default label)")
@@ -516,16 +518,22 @@ def build_parser():
     p.add_argument("--classes", required=True, type=_csv_list, help="comma-separated classes; inputs = manifest rows with that label")
     p.add_argument("--split", default=None, help="only manifest rows of this split (e.g. test)")
     p.add_argument("--max-inputs", type=int, default=None, help="at most N inputs per class (seeded subsample)")
-    p.add_argument("--runs", type=int, default=10, help="runs per concept and null runs (default 10)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="concept runs (default: as many as the smallest concept allows with 2 images per run, at most 50)")
+    p.add_argument("--null-runs", type=int, default=200, help="random-vs-random runs (default 200)")
     p.add_argument("--method", default="mean-diff", choices=["mean-diff", "sgd", "logistic"], help="CAV classifier (default mean-diff)")
     p.add_argument("--pool", default="none", choices=["none", "mean", "max"], help="CAV space: flattened maps (none) or pooled channels")
     p.add_argument("--design", default="split", choices=["split", "standard"], help="split (calibrated, default) or standard (tf/tcav)")
-    p.add_argument("--concept-size", type=int, default=None, help="concept examples per CAV (default: as many as possible)")
-    p.add_argument("--random-size", type=int, default=None, help="random counter-examples per CAV (default: as many as possible)")
-    p.add_argument("--test", default="welch", choices=["welch", "permutation"], help="two-sided test against the null (default welch)")
+    p.add_argument("--concept-size", type=int, default=None,
+                   help="concept examples per CAV, and random ones (equal sizes; default: the smallest concept split among the runs)")
+    p.add_argument("--test", default="mannwhitney", choices=["mannwhitney", "welch", "permutation"],
+                   help="two-sided test against the null runs (default mannwhitney)")
     p.add_argument("--correction", default="holm", choices=["holm", "bh", "none"], help="multiple-testing correction (default holm)")
     p.add_argument("--alpha", type=float, default=0.05)
-    p.add_argument("--min-accuracy", type=float, default=0.6, help="CAV accuracy gate (default 0.6)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="equivalence margin on score - null: an audit passes only when insensitivity within it is shown (default 0.1)")
+    p.add_argument("--gate-quantile", type=float, default=0.95,
+                   help="CAV gate: pooled accuracy must exceed this quantile of random-vs-random CAVs' (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audit", action="append", default=None, metavar="CONCEPT:CLASS",
                    help="a pair that must be insensitive; repeat or comma-separate; verdicts go to OUT/audit.csv")

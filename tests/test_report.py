@@ -99,6 +99,14 @@ def test_every_section_has_content_and_tables_are_saved(built):
         assert (out / "tables" / f"{table}.csv").is_file(), table
     tcav = pd.read_csv(out / "tables" / "tcav.csv")
     assert set(tcav["concept"]) == {"tag", XSS}
+    assert {"direction", "accuracy_gate", "gate", "p_equivalence"} <= set(tcav.columns)
+    # The failed tag audit drills into the circles the tag CAVs push most, and SpRAy's matching cluster is named.
+    drill = pd.read_csv(out / "tables" / "audit-drill-tag-circle.csv")
+    assert len(drill) == 4 and drill["derivative"].is_monotonic_decreasing
+    members = pd.read_csv(out / "tables" / "spray-circle-members.csv")
+    k = members.loc[members["manifest_row"].isin(drill["row"]), "cluster"].value_counts().index[0]
+    assert f"fall in cluster {k}, the strategy it points at" in html
+    assert "score - null" in html or "more sensitive than random" in html
 
 
 def test_rerun_with_unchanged_spec_reuses_results(built):
@@ -113,20 +121,24 @@ def test_rerun_with_unchanged_spec_reuses_results(built):
     assert first.render_seconds < 0.25 * first.analysis_seconds
 
 
-def test_tag_audit_fails_on_biased_and_passes_on_unbiased_model(built, tmp_path, world_dir):
+def test_tag_audit_fails_on_biased_and_does_not_fail_on_unbiased_model(built, tmp_path, world_dir):
     spec, out, result, _ = built
     verdicts = {r["name"]: r["verdict"] for r in audit_verdicts(spec, _results_of(out))}
     assert verdicts["class circle must not be sensitive to concept tag"] == "fail"
 
     from conftest import TRAIN_CONFIG, WORLD_CONFIG
 
-    unbiased = generate_world(tmp_path / "world", progress=False, **dict(WORLD_CONFIG, tag_bias=0.0))
+    unbiased = generate_world(tmp_path / "world", progress=False, **dict(WORLD_CONFIG, tag_bias=0.0, n_concept=100))
     train_demo(unbiased.root, tmp_path / "model" / "demo.pt", progress=False, **TRAIN_CONFIG)
     spec_u = _write_spec(tmp_path / "spec.toml", tmp_path / "model" / "demo.pt", unbiased.root,
                          unbiased.root / "concepts", sections=["overview", "audits"], title="unbiased")
     res_u = build_report(spec_u, tmp_path / "out", progress=False)
-    audits = pd.read_csv(tmp_path / "out" / "tables" / "audits.csv")
-    assert audits.set_index("name").loc["class circle must not be sensitive to concept tag", "verdict"] == "pass"
+    audits = pd.read_csv(tmp_path / "out" / "tables" / "audits.csv").set_index("name")
+    row = audits.loc["class circle must not be sensitive to concept tag"]
+    # No shortcut planted: never fail. Whether 100 images *show* insensitivity within ±0.1 depends on
+    # how the model happens to respond to the tag; if they do not, the verdict says what would.
+    assert row.verdict in ("pass", "inconclusive"), row.evidence
+    assert ("shown insensitive" in row.evidence) if row.verdict == "pass" else ("to decide:" in row.evidence)
     assert res_u.index.is_file()
 
 

@@ -52,7 +52,7 @@ def test_topk_and_probe_from_model_and_manifest(small_manifest, demo_weights, tm
     assert main(["probe", "-q", *model, "--layers", "relu4", "--n-bootstrap", "50", "--out", str(tmp_path / "p")]) == 0
     probes = pd.read_csv(tmp_path / "p" / "probes.csv")
     assert np.isfinite(probes["accuracy"]).all() and (probes["baseline"] == "random-init copy").all()
-    assert np.isfinite(probes["baseline_accuracy"]).all() and (tmp_path / "p" / "baseline-activations" / "meta.json").is_file()
+    assert np.isfinite(probes["baseline_accuracy"]).all() and (tmp_path / "p" / "baseline-store" / "meta.json").is_file()
 
 
 def test_errors_are_one_line(store, tmp_path, capsys):

@@ -1,5 +1,7 @@
 """FAISS neighbours equal brute-force NumPy; planted near-duplicates and label noise are found at the default cuts."""
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -152,6 +154,18 @@ def test_planted_near_duplicates_found_at_the_default_cut(dup_world):
     assert hit["crosses_splits"].all() and (hit["split_a"] == "train").all() and (hit["split_b"] == "test").all()
     assert res.leaks["crosses_splits"].all() and len(res.leaks) == int(d["crosses_splits"].sum())
     assert "median nearest-neighbour distance" in res.params["duplicate_rule"]
+
+
+def test_duplicate_search_can_be_left_out_and_the_log_says_what_was_searched(dup_world, caplog):
+    layout, _ = dup_world
+    with caplog.at_level(logging.INFO, logger="conceptlens.representation.neighbors"):
+        res = neighbors(layout, "relu1", label_column=None, duplicates=False)
+        both = neighbors(layout, "relu1", label_column="label")
+    assert len(res.duplicates) == 0 and list(res.duplicates.columns) == list(both.duplicates.columns)
+    np.testing.assert_array_equal(res.indices, both.indices)
+    first, second = [r.getMessage() for r in caplog.records if r.getMessage().startswith("neighbors of")]
+    assert "duplicate" not in first and "label-issue" not in first
+    assert f"{len(both.duplicates)} near-duplicate candidates" in second and "label-issue candidates" in second
 
 
 def test_planted_label_noise_ranked_by_calibrated_probability(dup_world):

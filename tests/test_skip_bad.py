@@ -1,4 +1,4 @@
-"""``--skip-bad`` in extract, attribute and spray: bad images are skipped, counted and listed in the
+"""``--skip-bad`` in extract, attribute, spray and tcav: bad images are skipped, counted and listed in the
 results under one row numbering (the 0-based ``manifest_row``), and errors name the row and the CSV
 line; images of an in-memory list are named by their file."""
 
@@ -95,3 +95,33 @@ def test_in_memory_images_are_named_by_their_file(tmp_path):
         list(make_loader(concepts, Preprocessing()))
     with pytest.raises(ConceptLensError, match=rf"^image {bad}: cannot decode image"):  # the default kind
         list(make_loader(Manifest.from_images([good, bad]), Preprocessing()))
+
+
+def test_tcav_skips_bad_concept_pool_and_class_images(tmp_path, broken, tiny, capsys):
+    """Concept and random-pool images are named by their file, class inputs by manifest row; the plan
+    is drawn from the images that could be read."""
+    model, manifest, rows = broken
+    world, _ = tiny
+    shutil.copytree(world / "concepts" / "tag", tmp_path / "concepts" / "tag")
+    shutil.copytree(world / "random", tmp_path / "random")
+    bad_concept = sorted((tmp_path / "concepts" / "tag").iterdir())[2]
+    bad_concept.write_bytes(b"not a png")
+    bad_pool = sorted((tmp_path / "random").iterdir())[5]
+    bad_pool.write_bytes(b"not a png either")
+    common = ["-q", "tcav", "--model", model.spec, "--data", str(manifest.path), "--concepts", str(tmp_path / "concepts"),
+              "--random-pool", str(tmp_path / "random"), "--classes", "circle", "--layers", "conv4", "--runs", "10",
+              "--null-runs", "100", "--out", str(tmp_path / "out")]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert f"image {bad_concept.resolve()}: cannot decode" in err and "--skip-bad" in err and "manifest row" not in err
+    assert main(common + ["--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 4 unreadable images" in out
+    assert f"concept tag: {bad_concept.resolve()}" in out and f"random pool: {bad_pool.resolve()}" in out
+    assert f"manifest row {rows[0]}:" in out and f"manifest row {rows[1]}:" in out
+    from conceptlens.concepts import TCAVResult
+
+    res = TCAVResult.load(tmp_path / "out")
+    assert [s["source"] for s in res.skipped] == ["concept tag", "random pool", "class circle", "class circle"]
+    assert not set(rows) & set(res.inputs["row"]) and str(bad_concept.resolve()) not in set(res.sets["image"])
+    assert res.provenance["concepts"]["tag"]["n_read"] == res.provenance["concepts"]["tag"]["n_images"] - 1

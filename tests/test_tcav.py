@@ -16,8 +16,8 @@ ALPHA = 0.05
 
 @pytest.fixture(scope="module")
 def tag_result(demo_model, world_dir):
-    # 20 runs: with 40 images per concept the split design gives each run 2 concept images.
-    return TCAV(demo_model, ["conv3", "conv4"], runs=20, seed=1, progress=False, n_bootstrap=500).run(
+    # Default plan: 40 images per concept give 20 runs of 2 concept against 2 random images.
+    return TCAV(demo_model, ["conv3", "conv4"], seed=1, progress=False, n_bootstrap=500).run(
         world_dir / "concepts", world_dir / "random", ["circle", "square"], world_dir / "manifest.csv"
     )
 
@@ -37,12 +37,22 @@ def test_tag_is_significant_for_circle_at_the_last_conv_layers(tag_result):
     tag = t[(t.concept == "tag") & (t["class"] == "circle")]
     assert tag.significant.any(), tag.to_string()
     best = tag.sort_values("p_adjusted").iloc[0]
-    assert best.score_mean > best.null_mean  # the tag pushes towards "circle", the planted direction
+    assert best.score_mean > best.null_mean and best.direction == "more"  # the planted direction: tag -> circle
     assert best.score_ci_low <= best.score_mean <= best.score_ci_high
-    # Holm over the whole experiment: the adjusted p is at least the raw p times the survivors' count rank.
-    assert (t.p_adjusted.dropna() >= t.loc[t.p_adjusted.notna(), "p_value"]).all()
+    assert tag_result.provenance["parameters"]["runs"] == 20 and tag_result.provenance["parameters"]["concept_size"] == 2
+    # Holm over the gated tests of the whole experiment, against the step-down rule written out:
+    # the i-th smallest p times (m - i + 1), made monotone, capped at 1.
+    gated = t[t.cav_ok].sort_values("p_value", kind="stable")
+    m = len(gated)
+    expected, running = [], 0.0
+    for i, p in enumerate(gated.p_value):
+        running = max(running, min(1.0, (m - i) * p))
+        expected.append(running)
+    np.testing.assert_allclose(gated.p_adjusted, expected)
+    assert t.loc[~t.cav_ok, "p_adjusted"].isna().all() and (t.loc[~t.cav_ok, "gate"] != "").all()
     verdict = tag_result.audit([("tag", "circle")]).iloc[0]
-    assert verdict.verdict == "fail" and best.layer in verdict.significant_layers
+    assert verdict.verdict == "fail" and verdict.direction.startswith("more")
+    assert "more sensitive than random" in verdict.evidence
 
 
 def test_audit_rejects_untested_pairs(tag_result):
@@ -65,31 +75,53 @@ def null_world(demo_model, world_dir):
     return x.numpy(), grads
 
 
-def _null_pvalues(null_world, design, trials):
+def _null_results(null_world, trials, n_fake=40, **kw):
     x, grads = null_world
-    p = []
     for trial in range(trials):
         perm = np.random.default_rng(1000 + trial).permutation(len(x))
-        fake, rest = perm[:40], perm[40:]  # a "concept" drawn from the random pool: no signal
-        res = TCAV(None, ["conv4"], design=design, correction="none", seed=trial, n_bootstrap=50).run_arrays(
+        fake, rest = perm[:n_fake], perm[n_fake:]  # a "concept" drawn from the random pool: no signal
+        yield TCAV(None, ["conv4"], correction="none", seed=trial, n_bootstrap=50, **kw).run_arrays(
             {"fake": {"conv4": x[fake]}}, {"conv4": x[rest]}, grads)
-        p += list(res.table.p_value)
-    return np.array(p)
 
 
-def test_null_concepts_are_significant_at_the_nominal_rate(null_world):
-    p = _null_pvalues(null_world, "split", trials=150)
+@pytest.fixture(scope="module")
+def null_results(null_world):
+    return list(_null_results(null_world, trials=100))
+
+
+def test_null_concepts_are_significant_at_the_nominal_rate(null_results):
+    p = np.concatenate([r.table.p_value.to_numpy() for r in null_results])
     n = len(p)
     rate = (p < ALPHA).mean()
     # At most nominal (one-sided binomial bound at 0.1 %), and not trivially zero (a broken test would be).
     assert rate <= scipy.stats.binom.ppf(0.999, n, ALPHA) / n, rate
     assert rate >= scipy.stats.binom.ppf(0.001, n, ALPHA) / n, rate
-    assert scipy.stats.kstest(p, "uniform").pvalue > 1e-3  # p-values are uniform under the null
+
+
+def test_gate_rejects_random_concepts_and_fake_audits_never_fail(null_results):
+    """Random-vs-random "concepts" pass the CAV gate at about 1 - gate_quantile, never more; a fake
+    audit fails only when the gate and the test both err (about 0.05 x 0.05), and passes rarely."""
+    ok = np.concatenate([r.table.cav_ok.to_numpy() for r in null_results])
+    assert ok.mean() <= scipy.stats.binom.ppf(0.999, len(ok), 0.05) / len(ok), ok.mean()
+    verdicts = [r.audit(["fake:circle"]).iloc[0].verdict for r in null_results]
+    n = len(verdicts)
+    assert verdicts.count("fail") <= scipy.stats.binom.ppf(0.999, n, 0.05 * 0.05), verdicts.count("fail")
+    assert verdicts.count("pass") <= scipy.stats.binom.ppf(0.999, n, 0.05), verdicts.count("pass")
+    assert verdicts.count("inconclusive") >= n // 2
+
+
+def test_a_true_null_with_few_images_is_inconclusive_not_pass(null_world):
+    """12 images: 6 runs cannot show insensitivity within the margin, whatever they score."""
+    for res in _null_results(null_world, trials=10, n_fake=12):
+        row = res.audit(["fake:circle"]).iloc[0]
+        assert row.verdict == "inconclusive", row.evidence
+        assert row.fix  # says what would decide it
 
 
 def test_standard_design_is_anti_conservative(null_world):
     """Why ``split`` is the default: tf/tcav's shared-concept design rejects true nulls far too often."""
-    p = _null_pvalues(null_world, "standard", trials=60)
+    res = list(_null_results(null_world, trials=40, design="standard", concept_size=10))
+    p = np.concatenate([r.table.p_value.to_numpy() for r in res])
     assert (p < ALPHA).mean() > scipy.stats.binom.ppf(0.999, len(p), ALPHA) / len(p)
 
 
@@ -122,10 +154,15 @@ def test_same_seed_same_table_and_roundtrip(demo_model, world_dir, tmp_path):
     pd.testing.assert_frame_equal(a.to_frame(), b.to_frame())
     c = _small(demo_model, world_dir, seed=5)
     assert not np.allclose(a.to_frame().score_mean, c.to_frame().score_mean)
-    # The split design's sets: every pseudo-concept, counter-example and concept part is disjoint from all others.
-    sets = a.sets
-    assert not sets.image.duplicated().any() and sets.set.nunique() == 10 * 4
-    assert (sets.groupby("set").size().filter(like="counter") >= 2).all()
+    # The split design's sets: concept parts and their counter-examples are disjoint from all others,
+    # every set has the concept parts' size, and each null run's two sets are disjoint.
+    sets, runs = a.sets, a.provenance["parameters"]["runs"]
+    concept_sets = sets[~sets.set.str.startswith("null")]
+    assert not concept_sets.image.duplicated().any() and concept_sets.set.nunique() == 3 * runs
+    assert sets.set.nunique() == 3 * runs + 2 * 200 and (sets.groupby("set").size() == 2).all()
+    for r in range(200):
+        pos, neg = (set(sets.image[sets.set == f"{k}/run{r}"]) for k in ("null", "null-counter"))
+        assert pos and neg and not pos & neg
     loaded = TCAVResult.load(a.save(tmp_path / "res"))
     pd.testing.assert_frame_equal(loaded.to_frame(), a.to_frame(), check_dtype=False)
     np.testing.assert_array_equal(loaded.derivatives[("conv4", "circle")], a.derivatives[("conv4", "circle")])
@@ -164,23 +201,44 @@ def test_cli_writes_table_and_audit(demo_weights, world_dir, tmp_path, capsys):
             "--classes", "circle", "--layers", "conv4", "--split", "test", "--max-inputs", "10",
             "--concept-names", "tag,red"]
     assert main(base + ["--audit", "tag:circle,red:circle", "--out", str(tmp_path / "o")]) == 0
-    table, audit = pd.read_csv(tmp_path / "o" / "tcav.csv"), pd.read_csv(tmp_path / "o" / "audit.csv")
+    table, audit = pd.read_csv(tmp_path / "o" / "tcav.csv"), pd.read_csv(tmp_path / "o" / "audit.csv", keep_default_na=False)
     assert len(table) == 2 and list(audit.concept) == ["tag", "red"]
-    assert set(audit.verdict) <= {"pass", "fail", "inconclusive"}
+    # Each verdict follows from the table by the audit's rule (Holm over the audit's gated tests).
+    gated = table[table.cav_ok]
+    order = gated.set_index("concept").p_value.sort_values()
+    p_audit = dict(zip(order.index, np.maximum.accumulate(np.minimum(1, order.to_numpy() * (len(order) - np.arange(len(order)))))))
+    for r in audit.itertuples():
+        row = table[table.concept == r.concept].iloc[0]
+        expected = ("fail" if row.cav_ok and p_audit[r.concept] < ALPHA else
+                    "pass" if row.cav_ok and row.equivalent else "inconclusive")
+        assert r.verdict == expected, (r, row)
+    out = capsys.readouterr().out
+    assert "margin ±0.1" in out and "audit tag:circle:" in out
     assert main(base + ["--concept-names", "tga", "--out", str(tmp_path / "x")]) == 2
     assert "did you mean 'tag'" in capsys.readouterr().err
 
 
-def test_audit_verdicts_follow_significance_and_the_accuracy_gate():
-    rows = [  # concept, layer, significant, cav_ok, p_adjusted
-        ("a", "l1", False, True, 0.4), ("a", "l2", True, True, 0.01),    # significant somewhere -> fail
-        ("b", "l1", False, True, 0.3), ("b", "l2", False, True, 0.9),    # never significant -> pass
-        ("c", "l1", False, False, np.nan), ("c", "l2", False, False, np.nan),  # no usable CAV -> inconclusive
+def test_audit_verdicts_follow_significance_equivalence_and_the_gate():
+    rows = [  # concept, layer, p_value, cav_ok, equivalent
+        ("a", "l1", 0.4, True, False), ("a", "l2", 0.001, True, False),  # significant after the audit's Holm -> fail
+        ("b", "l1", 0.3, True, True), ("b", "l2", 0.9, True, True),      # equivalent at every gated layer -> pass
+        ("c", "l1", 0.02, False, True), ("c", "l2", 0.5, False, True),   # no layer passes the gate -> inconclusive
+        ("d", "l1", 0.5, True, True), ("d", "l2", 0.6, True, False),     # not significant, not shown equivalent
+        ("e", "l1", 0.2, True, True), ("e", "l2", 0.01, False, False),   # l2 gated out: pass on l1 alone
     ]
-    table = pd.DataFrame([{"concept": c, "layer": layer, "class": "k", "significant": s, "cav_ok": ok, "p_adjusted": p,
-                           "score_mean": 0.7, "null_mean": 0.5, "cav_accuracy": 0.8 if ok else 0.5} for c, layer, s, ok, p in rows])
+    table = pd.DataFrame([{"concept": c, "layer": layer, "class": "k", "p_value": p, "cav_ok": ok, "equivalent": eq,
+                           "p_equivalence": 0.01 if eq else 0.4, "diff_ci_low": -0.05, "diff_ci_high": 0.05 if eq else 0.2,
+                           "score_mean": 0.52, "score_sd": 0.3, "null_mean": 0.5, "null_sd": 0.3, "n_runs": 20, "n_null_runs": 200,
+                           "cav_accuracy": 0.8 if ok else 0.5, "accuracy_gate": 0.6} for c, layer, p, ok, eq in rows])
     res = TCAVResult(table=table, runs=pd.DataFrame(), derivatives={}, cavs=pd.DataFrame(), cav_vectors={},
-                     sets=pd.DataFrame(), inputs=pd.DataFrame(), provenance={"parameters": {"alpha": 0.05}})
-    verdicts = res.audit(["a:k", ("b", "k"), "c:k"]).set_index("concept")
-    assert verdicts.verdict.to_dict() == {"a": "fail", "b": "pass", "c": "inconclusive"}
-    assert verdicts.loc["a", "significant_layers"] == "l2" and verdicts.loc["b", "min_p_adjusted"] == 0.3
+                     sets=pd.DataFrame(), inputs=pd.DataFrame(),
+                     provenance={"parameters": {"alpha": 0.05, "margin": 0.1, "concept_size": 2}})
+    verdicts = res.audit(["a:k", ("b", "k"), "c:k", "d:k", "e:k"]).set_index("concept")
+    assert verdicts.verdict.to_dict() == {"a": "fail", "b": "pass", "c": "inconclusive", "d": "inconclusive", "e": "pass"}
+    # The audit's family: the 7 gated tests of the audited pairs; Holm's smallest adjusted p = 7 x 0.001.
+    assert verdicts.loc["a", "min_p_adjusted"] == pytest.approx(0.007) and verdicts.loc["a", "significant_layers"] == "l2"
+    assert verdicts.loc["a", "direction"].startswith("more")
+    assert "±0.1" in verdicts.loc["b", "evidence"] and "l2 not tested" in verdicts.loc["e", "evidence"]
+    assert "concept runs" in verdicts.loc["d", "fix"] and "add concept images" in verdicts.loc["c", "fix"]
+    # Auditing fewer pairs is a smaller family: a alone gets 2 x 0.001.
+    assert res.audit(["a:k"]).iloc[0].min_p_adjusted == pytest.approx(0.002)

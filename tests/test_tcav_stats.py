@@ -6,6 +6,7 @@ import pytest
 import scipy.stats
 
 from conceptlens.concepts import benjamini_hochberg, bootstrap_ci, fit_cavs, holm, mean_pairwise_cosine, two_sample_pvalues
+from conceptlens.concepts.stats import equivalence_test
 from conceptlens.errors import ConceptLensError
 
 
@@ -48,15 +49,45 @@ def test_holm_and_bh_match_their_definitions(seed):
 def test_welch_rows_equal_scipy_and_permutation_agrees():
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.6, 0.1, (4, 12)), rng.normal(0.5, 0.2, (4, 12))
-    p = two_sample_pvalues(a, b)
+    p = two_sample_pvalues(a, b, test="welch")
     for i in range(4):
         assert p[i] == pytest.approx(scipy.stats.ttest_ind(a[i], b[i], equal_var=False).pvalue)
     perm = two_sample_pvalues(a, b, test="permutation", n_permutations=4000, seed=1)
     np.testing.assert_allclose(perm, p, atol=0.05)
     np.testing.assert_array_equal(perm, two_sample_pvalues(a, b, test="permutation", n_permutations=4000, seed=1))
-    assert two_sample_pvalues(np.full((1, 5), 0.5), np.full((1, 5), 0.5))[0] == 1.0
+    for test in ("welch", "mannwhitney"):
+        assert two_sample_pvalues(np.full((1, 5), 0.5), np.full((1, 5), 0.5), test=test)[0] == 1.0
     with pytest.raises(ConceptLensError, match="test must be one of"):
         two_sample_pvalues(a, b, test="z")
+
+
+def test_mann_whitney_rows_equal_scipy_on_tied_bimodal_scores():
+    """Per-run TCAV scores of random directions pile up at 0 and 1: many ties, unequal sample sizes."""
+    rng = np.random.default_rng(2)
+    a = np.round(rng.choice([0.0, 0.05, 0.95, 1.0, 0.5], size=(3, 20)), 2)
+    b = np.round(rng.choice([0.0, 0.05, 0.95, 1.0], size=(3, 200)), 2)
+    p = two_sample_pvalues(a, b)
+    for i in range(3):
+        ref = scipy.stats.mannwhitneyu(a[i], b[i], alternative="two-sided", method="asymptotic").pvalue
+        assert p[i] == pytest.approx(ref)
+
+
+def test_tost_equals_two_one_sided_welch_tests():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.52, 0.05, (5, 30)), rng.normal(0.5, 0.1, (5, 200))
+    a[4] += 0.2  # far from b: not equivalent
+    p, low, high = equivalence_test(a, b, margin=0.1, alpha=0.05)
+    for i in range(5):
+        lower = scipy.stats.ttest_ind(a[i] + 0.1, b[i], equal_var=False, alternative="greater").pvalue
+        upper = scipy.stats.ttest_ind(a[i] - 0.1, b[i], equal_var=False, alternative="less").pvalue
+        assert p[i] == pytest.approx(max(lower, upper))
+        # Equivalence at alpha exactly when the 90 % CI of the difference lies inside the margin.
+        assert (p[i] < 0.05) == (-0.1 < low[i] and high[i] < 0.1)
+    assert (p[:4] < 0.05).all() and p[4] > 0.5
+    exact = equivalence_test(np.full((2, 4), 0.5), np.array([[0.45] * 4, [0.7] * 4]), margin=0.1)[0]
+    np.testing.assert_array_equal(exact, [0.0, 1.0])
+    with pytest.raises(ConceptLensError, match="margin must be positive"):
+        equivalence_test(a, b, margin=0)
 
 
 def test_bootstrap_ci_is_seeded_and_covers_the_mean():
@@ -94,6 +125,12 @@ def test_mean_diff_cav_is_the_normalised_mean_difference_and_sgd_points_to_the_c
     ref = (xp - xn) / np.linalg.norm(xp - xn)
     np.testing.assert_allclose(md.vectors, np.stack([ref, ref]), atol=1e-5)
     np.testing.assert_array_equal(md.accuracy, [1.0, 1.0])
+    # The CAV is fitted on all its examples (the folds only measure accuracy).
+    z = rng.normal(size=(10, 30))
+    one = fit_cavs(z, [np.arange(2)], [np.arange(2, 4)], method="mean-diff", seed=0)
+    ref = z[:2].mean(0) - z[2:4].mean(0)
+    np.testing.assert_allclose(one.vectors[0], ref / np.linalg.norm(ref), atol=1e-5)
+    assert one.accuracy[0] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 2 folds x (1 concept + 1 random) held out
     with pytest.raises(ConceptLensError, match="at least 2 concept"):
         fit_cavs(x, [np.arange(1)], neg)
     with pytest.raises(ConceptLensError, match="CAV method"):

@@ -2,8 +2,10 @@
 
 A CAV is the unit normal of a linear classifier trained on a layer's activations (flattened
 spatial maps, or pooled channels) of concept examples (label 1) against random counter-examples
-(label 0); it points towards the concept. Each CAV's accuracy on a seeded held-out split is always
-reported: a CAV no better than chance is not a concept.
+(label 0); it points towards the concept. Its accuracy is cross-fitted: each example is predicted
+by a classifier trained without it (stratified, seeded folds), and the CAV itself is fitted on all
+examples. With the few examples per CAV of a well-powered TCAV (2 concept against 2 random), a
+held-out split would leave one training example a side and halve the CAV's signal.
 """
 
 from __future__ import annotations
@@ -42,22 +44,16 @@ class CAVs:
     method: str
 
 
-def _split(n_pos, n_neg, test_fraction, rng):
-    """Seeded stratified split: boolean test masks for positives and negatives (>= 1 of each side)."""
-    def one(n):
-        k = min(max(1, int(round(test_fraction * n))), n - 1)
-        mask = np.zeros(n, bool)
-        mask[rng.permutation(n)[:k]] = True
-        return mask
-
-    return one(n_pos), one(n_neg)
+def _fold_ids(n, k, rng):
+    """Seeded balanced fold labels ``0..k-1`` for ``n`` examples."""
+    return rng.permutation(np.arange(n) % k)
 
 
 def _method_string(method, alpha):
     return {"sgd": f"sgd(hinge, alpha={alpha})", "logistic": f"logistic(l2, C={1 / alpha:g})", "mean-diff": "mean-diff"}[method]
 
 
-def fit_cavs(activations, positives, negatives, method="sgd", test_fraction=0.25, alpha=0.01, seed=0):
+def fit_cavs(activations, positives, negatives, method="sgd", cv_folds=4, alpha=0.01, seed=0):
     """Fit one CAV per ``(positives[i], negatives[i])`` pair of example sets.
 
     Parameters
@@ -71,9 +67,9 @@ def fit_cavs(activations, positives, negatives, method="sgd", test_fraction=0.25
         ``logistic``: L2 logistic regression (``sklearn.linear_model.LogisticRegression``, C = 1/alpha).
         ``mean-diff``: difference of the class means (FastCAV-style), all CAVs in one batched step;
         its classifier thresholds the projection half-way between the projected means.
-    test_fraction : float
-        Share of each set held out (seeded, stratified) to measure the CAV's accuracy; the CAV is
-        fitted on the rest.
+    cv_folds : int
+        Folds of the cross-fitted accuracy (stratified: each fold holds out concept and random
+        examples), at most the smaller set's size.
     alpha : float
         Regularisation strength of ``sgd`` and ``logistic``.
     seed : int
@@ -81,59 +77,73 @@ def fit_cavs(activations, positives, negatives, method="sgd", test_fraction=0.25
     Returns
     -------
     CAVs
+        ``accuracy`` is the share of the CAV's examples that the classifier fitted on the other
+        folds predicts correctly.
     """
     if method not in CAV_METHODS:
         raise ConceptLensError(f"the CAV method must be one of {', '.join(CAV_METHODS)}; got {method!r}")
-    if not 0 < test_fraction < 1:
-        raise ConceptLensError(f"test_fraction must be between 0 and 1; got {test_fraction}")
+    if not (isinstance(cv_folds, (int, np.integer)) and cv_folds >= 2):
+        raise ConceptLensError(f"cv_folds must be an integer >= 2; got {cv_folds!r}")
     x = np.asarray(activations, dtype=np.float32)
     rng = np.random.default_rng(seed)
-    splits = []
+    positives = [np.asarray(p, dtype=np.int64) for p in positives]
+    negatives = [np.asarray(n, dtype=np.int64) for n in negatives]
     for pos, neg in zip(positives, negatives):
         if len(pos) < 2 or len(neg) < 2:
             raise ConceptLensError(
                 f"a CAV needs at least 2 concept and 2 random examples (one held out each); got {len(pos)} and {len(neg)}"
             )
-        tp, tn = _split(len(pos), len(neg), test_fraction, rng)
-        splits.append((np.asarray(pos)[~tp], np.asarray(neg)[~tn], np.asarray(pos)[tp], np.asarray(neg)[tn]))
-    if method == "mean-diff":
-        vectors, accuracy = _mean_diff(x, splits)
-    else:
-        vectors, accuracy = _sklearn(x, splits, method, alpha, rng)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    fit = _mean_diff if method == "mean-diff" else (lambda x, p, n: _sklearn(x, p, n, method, alpha, rng))
+    weights, _ = fit(x, positives, negatives)
+    correct, total = np.zeros(len(positives)), np.zeros(len(positives))
+    folds = [np.minimum(cv_folds, min(len(p), len(n))) for p, n in zip(positives, negatives)]
+    ids = [(_fold_ids(len(p), k, rng), _fold_ids(len(n), k, rng)) for p, n, k in zip(positives, negatives, folds)]
+    for f in range(max(folds)):
+        which = [i for i, k in enumerate(folds) if k > f]
+        w, b = fit(x, [positives[i][ids[i][0] != f] for i in which], [negatives[i][ids[i][1] != f] for i in which])
+        held = [(positives[i][ids[i][0] == f], negatives[i][ids[i][1] == f]) for i in which]
+        owner = np.concatenate([np.full(len(tp) + len(tn), j) for j, (tp, tn) in enumerate(held)])
+        rows = np.concatenate([np.concatenate([tp, tn]) for tp, tn in held])
+        label = np.concatenate([np.r_[np.ones(len(tp), bool), np.zeros(len(tn), bool)] for tp, tn in held])
+        hit = ((np.einsum("ed,ed->e", x[rows], w[owner]) + b[owner]) > 0) == label
+        correct[which] += np.bincount(owner, weights=hit, minlength=len(which))
+        total[which] += np.bincount(owner, minlength=len(which))
+    norms = np.linalg.norm(weights, axis=1, keepdims=True)
     degenerate = norms[:, 0] == 0
     if degenerate.any():
         logger.warning("%d CAVs are zero vectors (identical concept and random activations); their scores are 0", degenerate.sum())
-    vectors = vectors / np.where(norms == 0, 1.0, norms)
-    return CAVs(vectors=vectors.astype(np.float32), accuracy=accuracy, method=_method_string(method, alpha))
+    vectors = weights / np.where(norms == 0, 1.0, norms)
+    return CAVs(vectors=vectors.astype(np.float32), accuracy=correct / total, method=_method_string(method, alpha))
 
 
-def _mean_diff(x, splits):
-    # Sets of equal size stack into [n_cavs, k] index arrays: one gather and mean for all CAVs.
-    def means(idx_lists):
-        sizes = {len(i) for i in idx_lists}
-        if len(sizes) == 1:
-            return x[np.stack(idx_lists)].mean(axis=1)
-        return np.stack([x[i].mean(axis=0) for i in idx_lists])
-
-    mu_pos, mu_neg = means([s[0] for s in splits]), means([s[1] for s in splits])
-    vectors = mu_pos - mu_neg
-    threshold = 0.5 * ((mu_pos + mu_neg) * vectors).sum(1)
-    accuracy = np.empty(len(splits))
-    for i, (_, _, tp, tn) in enumerate(splits):
-        proj_pos, proj_neg = x[tp] @ vectors[i], x[tn] @ vectors[i]
-        accuracy[i] = ((proj_pos > threshold[i]).sum() + (proj_neg <= threshold[i]).sum()) / (len(tp) + len(tn))
-    return vectors, accuracy
+def _set_means(x, index_sets, budget=2**26):
+    """Mean row of ``x`` over each index set: segmented sums of gathered rows, ``budget`` bytes at a time."""
+    sizes = np.array([len(i) for i in index_sets])
+    out = np.empty((len(index_sets), x.shape[1]))
+    per = max(1, int(budget // max(1, x.shape[1] * x.itemsize * sizes.max())))
+    for lo in range(0, len(index_sets), per):
+        chunk = sizes[lo: lo + per]
+        starts = np.r_[0, np.cumsum(chunk)[:-1]]
+        rows = x[np.concatenate(index_sets[lo: lo + per])].astype(np.float64)
+        out[lo: lo + per] = np.add.reduceat(rows, starts, axis=0) / chunk[:, None]
+    return out
 
 
-def _sklearn(x, splits, method, alpha, rng):
+def _mean_diff(x, positives, negatives):
+    """``(w, b)``: ``w = mean(pos) - mean(neg)``, ``b`` puts the threshold half-way between the projected means."""
+    mu_pos, mu_neg = _set_means(x, positives), _set_means(x, negatives)
+    w = mu_pos - mu_neg
+    return w, -0.5 * ((mu_pos + mu_neg) * w).sum(1)
+
+
+def _sklearn(x, positives, negatives, method, alpha, rng):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, SGDClassifier
 
-    vectors = np.empty((len(splits), x.shape[1]), dtype=np.float64)
-    accuracy = np.empty(len(splits))
-    seeds = rng.integers(0, 2**31 - 1, size=len(splits))
-    for i, (p, n, tp, tn) in enumerate(splits):
+    w = np.empty((len(positives), x.shape[1]), dtype=np.float64)
+    b = np.empty(len(positives))
+    seeds = rng.integers(0, 2**31 - 1, size=len(positives))
+    for i, (p, n) in enumerate(zip(positives, negatives)):
         xtr = np.concatenate([x[p], x[n]])
         ytr = np.r_[np.ones(len(p)), np.zeros(len(n))]
         if method == "sgd":
@@ -143,8 +153,5 @@ def _sklearn(x, splits, method, alpha, rng):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(xtr, ytr)
-        vectors[i] = clf.coef_[0]
-        xte = np.concatenate([x[tp], x[tn]])
-        yte = np.r_[np.ones(len(tp)), np.zeros(len(tn))]
-        accuracy[i] = (clf.predict(xte) == yte).mean()
-    return vectors, accuracy
+        w[i], b[i] = clf.coef_[0], clf.intercept_[0]
+    return w, b

@@ -1,32 +1,55 @@
-"""TCAV with honest statistics: shared gradients, seeded disjoint random sets, calibrated tests.
+"""TCAV with honest statistics: shared gradients, seeded random sets, many null runs, verdicts that say what they show.
 
 ``TCAV(model, layers).run(concepts, random_pool, classes, data)`` does, in this order:
 
-1. draws the experiment's sets (seeded): concept examples, random counter-example sets that are
-   disjoint from each other and from the concepts, and random "pseudo-concepts" for the null;
+1. plans the runs (seeded): how many runs and examples per CAV the concept images allow (below),
+   concept examples, random counter-example sets of the same size, and many more random-vs-random
+   null runs than concept runs;
 2. captures the layers' activations of every image once (:func:`~conceptlens.representation.extract.iter_activations`);
 3. fits all CAVs of a layer (concept-vs-random runs and random-vs-random null runs);
 4. streams the class inputs once per class through :func:`~conceptlens.representation.extract.iter_gradients`
    (one forward and one backward per batch for all layers) and takes one matmul of each batch's
    gradients with all CAVs of the layer: ``S = d logit_k / d f_l(x) · v`` (the explicit class
    logit, no loss and no sign flips);
-5. tests each (concept, layer, class) against its null, corrects across the whole experiment and
-   flags CAVs near chance.
+5. gates each concept's CAVs against the null CAVs' accuracy, tests each (concept, layer, class)
+   against its null, corrects across the experiment, and tests equivalence for audits.
+
+Why these choices (each measured on the concept world, ``tests/test_tcav.py`` and
+``benchmarks/tcav_audit.py``):
+
+* **Equal set sizes.** A CAV trained on 3 concept against 27 random examples scores 0.9 by
+  predicting "random", so no accuracy gate can tell a concept from noise. Concept and random sets
+  have the same size ``m`` (tf/tcav's setting) and chance is 0.5.
+* **The gate is relative.** A concept's held-out CAV accuracy, pooled over its runs, must exceed the
+  ``gate_quantile`` (0.95) quantile of the pooled accuracy of groups of as many null CAVs: a
+  concept must separate from random images better than random sets separate from each other.
+* **Many null runs.** Per-run scores of random directions pile up near 0 and 1, so ten null runs
+  estimate the null badly and one unlucky draw shifts every concept of that (layer, class).
+  Null runs cost a CAV fit and a column of the gradient matmul: ``null_runs`` (200) of them, each
+  a fresh pair of disjoint random sets of size ``m``; the default test is rank-based
+  (Mann-Whitney), which keeps its size on bimodal scores.
+* **Power-aware runs.** With bimodal null scores the smallest attainable p-value falls roughly as
+  ``2^-runs``: ten runs cannot reach significance after correction however strong the concept.
+  By default the split design uses as many runs as the smallest concept allows with 2 examples
+  each (at most 50); ``-v`` logs what was chosen.
+* **Audits must show absence.** Non-significance is not evidence of insensitivity. An audit
+  verdict is ``fail`` when the pair is significant after Holm over the audit's own tests,
+  ``pass`` only when an equivalence test (TOST, margin 0.1 on score − null) succeeds at every
+  layer whose CAV passes the gate, and ``inconclusive`` otherwise, with the reason and the fix.
 
 Designs (``design``):
 
 ``split`` (default)
     Run ``r`` uses the ``r``-th of ``runs`` disjoint parts of the concept's images against random
-    set ``N_r``; null run ``r`` uses a pseudo-concept ``P_r`` (random images, as many as a concept
-    part) against the same ``N_r``. All sets are disjoint, so for a concept with no signal the
-    concept runs and null runs are exchangeable and the test has its nominal size.
+    set ``N_r`` (disjoint from every other ``N``); null run ``j`` uses a pseudo-concept ``P_j`` of
+    random images against a disjoint ``N'_j``, both drawn afresh from the pool. For a concept with
+    no signal the concept runs and null runs are then identically distributed and the test has its
+    nominal size.
 ``standard``
     tf/tcav's design: the whole concept set against each ``N_r``; null: one fixed random set
-    (fixed roles, no ``±CAV`` symmetry) against each ``N_r``. More concept images per CAV, but the
-    runs share the concept set, so the run-to-run spread misses the variability of the concept
-    sample itself and the t-test is anti-conservative: with concepts drawn from the random pool of
-    the concept world it rejects about 25 % of true nulls at alpha = 0.05 (``split``: 4.5 %; see
-    ``tests/test_tcav.py``).
+    against each ``N'_j``. The runs share the concept set, so the run-to-run spread misses the
+    variability of the concept sample itself and the test is anti-conservative (it rejects far
+    more true nulls than alpha; see ``tests/test_tcav.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
@@ -168,52 +192,94 @@ def _set_hash(paths):
 
 # --------------------------------------------------------------------------- the plan
 
-def _plan(design, concept_sizes, pool_size, runs, concept_size, random_size, rng):
+MAX_AUTO_RUNS = 50  # split design: runs chosen when not given (2 examples per CAV, at most this many runs)
+STANDARD_RUNS = 10
+
+
+def plan_sizes(design, smallest, runs=None, concept_size=None):
+    """``(runs, m)``: concept runs and examples per CAV set (concept and random alike).
+
+    The split design gives each run its own ``m`` concept images, so ``runs * m <= smallest``;
+    unset values are chosen for power: as many runs as ``smallest`` allows with ``m = 2``, at most
+    :data:`MAX_AUTO_RUNS` (then ``m = smallest // runs``). The standard design uses the whole
+    smallest concept set (``m = smallest``) and :data:`STANDARD_RUNS` runs.
+    """
+    if design == "split":
+        if runs is None:
+            runs = min(MAX_AUTO_RUNS, smallest // (concept_size or 2))
+        m = concept_size if concept_size is not None else (smallest // runs if runs else 0)
+    else:
+        runs = STANDARD_RUNS if runs is None else runs
+        m = concept_size if concept_size is not None else smallest
+    return int(runs), int(m)
+
+
+def _plan(design, concept_sizes, pool_size, runs, null_runs, concept_size, rng):
     """Draw the experiment's sets as index arrays.
 
     Concept sets index their own concept's images; pool sets index the random pool. Returns
-    ``(m, n, concept_parts, pseudo, counters)``: ``concept_parts[name]`` is ``[runs, m]`` (the same
-    row repeated in the standard design), ``pseudo`` the null's positive sets ``[runs, m]``,
-    ``counters`` the random sets ``[runs, n]``; all pool sets are disjoint.
+    ``(runs, m, parts, counters, null_pos, null_neg)``: ``parts[name]`` is ``[runs, m]`` (the same
+    row repeated in the standard design), ``counters`` the concept runs' random sets ``[runs, m]``
+    (disjoint), ``null_pos``/``null_neg`` the null runs' sets ``[null_runs, m]``.
     """
     smallest = min(concept_sizes.values())
     small_name = min(concept_sizes, key=concept_sizes.get)
-    if design == "split":
-        m = concept_size if concept_size is not None else smallest // runs
-        need_c = m * runs
-    else:
-        m = concept_size if concept_size is not None else smallest
-        need_c = m
-    if m < 2 or smallest < need_c:
+    runs, m = plan_sizes(design, smallest, runs, concept_size)
+    need_c = m * runs if design == "split" else m
+    if runs < 2 or m < 2 or smallest < need_c:
         per = "per run (the split design gives each run its own part)" if design == "split" else "per concept"
         raise ConceptLensError(
-            f"concept {small_name!r} has {smallest} images; design {design} with {runs} runs and "
-            f"{max(m, 2)} concept examples {per} needs {max(need_c, 2 * (runs if design == 'split' else 1))}; "
+            f"concept {small_name!r} has {smallest} images; design {design} with {max(runs, 2)} runs and "
+            f"{max(m, 2)} concept examples {per} needs {max(need_c, 2 * max(runs, 2) if design == 'split' else 2)}; "
             "add images, lower runs, or set concept_size"
         )
-    pseudo_need = m * runs if design == "split" else m
-    n = random_size if random_size is not None else (pool_size - pseudo_need) // runs
-    if n < 2 or pool_size < pseudo_need + runs * n:
+    fixed = m if design == "standard" else 0  # the standard design's fixed pseudo-concept
+    if pool_size < fixed + runs * m or pool_size < 2 * m:
         raise ConceptLensError(
-            f"the random pool has {pool_size} images; {runs} disjoint random sets of {max(n, 2)} plus "
-            f"{pseudo_need} pseudo-concept images for the null need {pseudo_need + runs * max(n, 2)}; "
-            "add random images, lower runs, or set random_size"
+            f"the random pool has {pool_size} images; {runs} disjoint random sets of {m} (as many as the concept "
+            f"examples per CAV){' plus a fixed pseudo-concept of ' + str(m) if fixed else ''} need {fixed + runs * m}; "
+            "add random images, lower runs, or set concept_size"
         )
-    logger.info("TCAV plan (%s): %d runs, %d concept examples and %d random counter-examples per CAV", design, runs, m, n)
+    logger.info("TCAV plan (%s): %d runs with %d concept and %d random examples per CAV (smallest concept %r: %d images), "
+                "%d null runs", design, runs, m, m, small_name, smallest, null_runs)
+    if design == "split" and runs < 12:
+        logger.warning("TCAV with %d runs: random directions score near 0 or 1, so %d runs cannot give a p-value much "
+                       "below 2^-%d; add concept images (2 per run) for a test that can reach significance", runs, runs, runs)
     parts = {}
     for name, size in concept_sizes.items():
         perm = rng.permutation(size)
-        if design == "split":
-            parts[name] = perm[: m * runs].reshape(runs, m)
-        else:
-            parts[name] = np.tile(np.sort(perm[:m]), (runs, 1))
+        parts[name] = perm[: m * runs].reshape(runs, m) if design == "split" else np.tile(np.sort(perm[:m]), (runs, 1))
     perm = rng.permutation(pool_size)
+    counters = perm[fixed: fixed + runs * m].reshape(runs, m)
     if design == "split":
-        pseudo = perm[: m * runs].reshape(runs, m)
+        # Each null run: 2m distinct pool images, drawn afresh (runs may share images with each other).
+        draws = np.argsort(rng.random((null_runs, pool_size)), axis=1)[:, : 2 * m]
+        null_pos, null_neg = draws[:, :m], draws[:, m:]
     else:
-        pseudo = np.tile(np.sort(perm[:m]), (runs, 1))
-    counters = perm[pseudo_need : pseudo_need + runs * n].reshape(runs, n)
-    return m, n, parts, pseudo, counters
+        rest = perm[fixed:]
+        draws = rest[np.argsort(rng.random((null_runs, len(rest))), axis=1)[:, :m]]
+        null_pos, null_neg = np.tile(np.sort(perm[:m]), (null_runs, 1)), draws
+    return runs, m, parts, counters, null_pos, null_neg
+
+
+def _direction_text(score, null):
+    return "more sensitive than random directions" if score > null else "less sensitive than random directions"
+
+
+def _more_runs_fix(row, margin, alpha, m):
+    """What would show equivalence: the concept runs needed for the TOST CI to fit the margin at the
+    observed difference and spreads (80 % power), as concept images at ``m`` per run."""
+    d = abs(row.score_mean - row.null_mean)
+    if d >= margin:
+        return (f"the observed difference {d:.3f} at {row.layer} is itself beyond the margin {margin:g}: more runs "
+                "would more likely make it significant than show equivalence")
+    z = scipy.stats.norm.ppf(1 - alpha) + scipy.stats.norm.ppf(0.8)
+    room = ((margin - d) / z) ** 2 - row.null_sd**2 / row.n_null_runs
+    if room <= 0 or not np.isfinite(room):
+        return f"add null runs (--null-runs, now {row.n_null_runs}) and concept images"
+    runs = int(np.ceil(max(row.score_sd, row.null_sd) ** 2 / room))
+    return (f"about {runs} concept runs ({runs * m} concept images at {m} per run; now {row.n_runs}) would show "
+            f"insensitivity at {row.layer} if the difference stays at {d:.3f}")
 
 
 # --------------------------------------------------------------------------- result
@@ -245,6 +311,10 @@ class TCAVResult:
         ``{layer: ndarray [n_cavs, dim]}`` the unit CAVs, rows in ``cavs.cav`` order.
     provenance : dict
         Model spec and weights hash, data and set hashes, layers, parameters, method strings.
+    skipped : tuple of dict
+        Images left out as unreadable (``skip_bad``): ``{source, manifest_row, image, error}``;
+        ``source`` is ``concept NAME``, ``random pool`` or ``class NAME`` (``manifest_row`` only
+        for class inputs, which come from the manifest).
     """
 
     table: pd.DataFrame = field(repr=False)
@@ -255,15 +325,34 @@ class TCAVResult:
     sets: pd.DataFrame = field(repr=False)
     inputs: pd.DataFrame = field(repr=False)
     provenance: dict = field(repr=False)
+    skipped: tuple = ()
 
     def to_frame(self):
-        """The table: ``concept, layer, class, score_mean, score_ci_low, score_ci_high, null_mean,
-        magnitude_mean, p_value, p_adjusted, significant, cav_accuracy, cav_ok, cav_stability,
-        null_accuracy, n_runs, n_inputs``."""
+        """The table, one row per (concept, layer, class): ``score_mean`` (mean over runs of the
+        fraction of class inputs whose logit rises along the CAV) with its bootstrap
+        ``score_ci_low/high`` and ``score_sd``; ``null_mean``/``null_sd`` over the null runs;
+        ``difference`` = score − null and ``direction`` (``more``/``less`` sensitive than random);
+        ``p_value`` (``test``), ``p_adjusted`` (over every gated test of the experiment, empty where
+        gated out) and ``significant``; ``p_equivalence`` with the TOST CI ``diff_ci_low/high`` and
+        ``equivalent`` (within ``±margin``); ``cav_accuracy`` (cross-fitted, pooled over runs),
+        ``accuracy_gate`` (the null CAVs' quantile it must exceed), ``cav_ok``, ``gate`` (why a
+        test was not run), ``cav_stability``, ``null_accuracy``, ``null_stability``,
+        ``magnitude_mean``, ``n_runs``, ``n_null_runs``, ``n_inputs``."""
         return self.table.copy()
 
     def audit(self, pairs):
         """Verdicts for ``(concept, class)`` pairs that must be *insensitive* (a bias audit).
+
+        The audit is its own family: Holm over the raw p-values of every gated (concept, layer,
+        class) test of the audited pairs, not over the whole exploratory table.
+
+        * ``fail``: significant after that correction at some layer; ``direction`` says whether the
+          class is more or less sensitive to the concept than to random directions.
+        * ``pass``: shown insensitive - at every layer whose CAV passes the gate, the TOST ``1 - 2
+          alpha`` CI of ``score - null`` lies within ``±margin`` (an intersection-union test, so no
+          correction is needed), and at least one layer passes the gate.
+        * ``inconclusive``: neither; ``evidence`` says why and ``fix`` what would decide it (more
+          concept images, another layer).
 
         Parameters
         ----------
@@ -272,13 +361,14 @@ class TCAVResult:
         Returns
         -------
         DataFrame
-            One row per pair: ``concept, class, verdict`` (``fail`` when the concept is significant
-            for the class at any tested layer, ``inconclusive`` when no layer has a CAV above the
-            accuracy gate, else ``pass``), ``significant_layers``, ``min_p_adjusted``, ``layer`` (of
-            the smallest adjusted p-value), its ``score_mean`` and ``null_mean``, and ``evidence``.
+            One row per pair: ``concept, class, verdict, direction, significant_layers,
+            min_p_adjusted, layer`` (of the deciding test), its ``score_mean, null_mean,
+            p_equivalence``, ``margin, alpha, evidence, fix``.
         """
         t = self.table
-        rows = []
+        params = self.provenance["parameters"]
+        alpha, margin = params["alpha"], params["margin"]
+        wanted = []
         for pair in pairs:
             concept, cls = pair.split(":", 1) if isinstance(pair, str) else pair
             for value, column in ((concept, "concept"), (cls, "class")):
@@ -286,29 +376,85 @@ class TCAVResult:
                 if value not in known:
                     raise ConceptLensError(f"audit pair {concept}:{cls}: {column} {value!r} was not tested"
                                            f"{did_you_mean(value, known)} (tested: {', '.join(known)})")
-            sub = t[(t["concept"] == concept) & (t["class"] == cls)]
-            sig = sub[sub["significant"]]
+            wanted.append((concept, cls))
+        in_audit = pd.Series(False, index=t.index)
+        for concept, cls in wanted:
+            in_audit |= (t["concept"] == concept) & (t["class"] == cls)
+        gated = in_audit & t["cav_ok"]
+        p_audit = pd.Series(np.nan, index=t.index)
+        p_audit[gated] = stats.holm(t.loc[gated, "p_value"].to_numpy())
+        rows = []
+        for concept, cls in wanted:
+            sub = t[(t["concept"] == concept) & (t["class"] == cls)].assign(p_audit=p_audit)
             valid = sub[sub["cav_ok"]]
-            best = (valid if len(valid) else sub).sort_values("p_adjusted", na_position="last").iloc[0]
+            sig = valid[valid["p_audit"] < alpha]
+            unrepresented = sub[~sub["cav_ok"]]
+            gate_note = "".join(f"; {r.layer} not tested: CAV accuracy {r.cav_accuracy:.2f} <= random-vs-random gate "
+                                f"{r.accuracy_gate:.2f}" for r in unrepresented.itertuples())
+            fix = ""
             if len(sig):
-                verdict = "fail"
+                verdict, best = "fail", sig.sort_values("p_audit").iloc[0]
                 evidence = "; ".join(
-                    f"{r.layer}: score {r.score_mean:.3f} vs null {r.null_mean:.3f}, p_adj {r.p_adjusted:.2g}" for r in sig.itertuples()
-                )
+                    f"{r.layer}: {_direction_text(r.score_mean, r.null_mean)} (score {r.score_mean:.3f} vs null "
+                    f"{r.null_mean:.3f}, p_audit {stats.format_p(r.p_audit)})" for r in sig.itertuples())
             elif not len(valid):
-                verdict = "inconclusive"
-                evidence = f"no layer has a CAV above the accuracy gate (best {sub['cav_accuracy'].max():.2f})"
+                verdict, best = "inconclusive", sub.sort_values("cav_accuracy", ascending=False).iloc[0]
+                evidence = ("no tested layer represents the concept: its CAVs separate it from random images no better "
+                            "than random sets separate from each other" + gate_note)
+                fix = (f"add concept images (each run used {params['concept_size']} per CAV) or test layers where "
+                       "the concept is linearly readable")
+            elif valid["equivalent"].all():
+                verdict, best = "pass", valid.sort_values("p_equivalence", ascending=False).iloc[0]
+                evidence = (f"shown insensitive at {len(valid)} layer(s): the {1 - 2 * alpha:.0%} CI of score - null lies "
+                            f"within ±{margin:g} (" + "; ".join(
+                                f"{r.layer}: [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]" for r in valid.itertuples())
+                            + ")" + gate_note)
             else:
-                verdict = "pass"
-                evidence = (f"not significant at {len(valid)} layer(s); smallest p_adj {best.p_adjusted:.2g} at {best.layer} "
-                            f"(score {best.score_mean:.3f} vs null {best.null_mean:.3f})")
+                open_ = valid[~valid["equivalent"]]
+                verdict, best = "inconclusive", open_.sort_values("p_equivalence", ascending=False).iloc[0]
+                evidence = ("not significant, but insensitivity within ±{:g} is not shown: ".format(margin) + "; ".join(
+                    f"{r.layer}: CI of score - null [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]" for r in open_.itertuples())
+                    + gate_note)
+                fix = _more_runs_fix(best, margin, alpha, params["concept_size"])
             rows.append({
                 "concept": concept, "class": cls, "verdict": verdict,
-                "significant_layers": ",".join(sig["layer"]), "min_p_adjusted": float(valid["p_adjusted"].min()) if len(valid) else np.nan,
+                "direction": _direction_text(best.score_mean, best.null_mean) if verdict == "fail" else "",
+                "significant_layers": ",".join(sig["layer"]),
+                "min_p_adjusted": float(valid["p_audit"].min()) if len(valid) else np.nan,
                 "layer": best.layer, "score_mean": float(best.score_mean), "null_mean": float(best.null_mean),
-                "alpha": self.provenance["parameters"]["alpha"], "evidence": evidence,
+                "p_equivalence": float(best.p_equivalence), "margin": margin, "alpha": alpha,
+                "evidence": evidence, "fix": fix,
             })
         return pd.DataFrame(rows)
+
+    def top_inputs(self, concept, cls, layer, k=8):
+        """The class inputs whose class logit rises most along the concept's CAVs: what a failed audit
+        is about (e.g. the tagged circles of a tag shortcut).
+
+        Parameters
+        ----------
+        concept, cls, layer : str
+        k : int
+
+        Returns
+        -------
+        DataFrame
+            ``k`` rows, largest first: ``position, row, image`` (as in ``inputs``), ``derivative``
+            (mean over the concept's runs of ``S = d logit / d activation · v``) and
+            ``positive_runs`` (share of runs with ``S > 0``).
+        """
+        key = (layer, cls)
+        if key not in self.derivatives:
+            known = sorted({f"{a}/{b}" for a, b in self.derivatives})
+            raise ConceptLensError(f"no derivatives for layer {layer!r} and class {cls!r} (have: {', '.join(known)})")
+        cols = self.cavs[(self.cavs["layer"] == layer) & (self.cavs["concept"] == concept)]["cav"].to_numpy()
+        if not len(cols):
+            raise ConceptLensError(f"concept {concept!r} was not tested{did_you_mean(concept, sorted(self.table['concept'].unique()))}")
+        s = self.derivatives[key][:, cols]
+        inputs = self.inputs[self.inputs["class"] == cls].sort_values("position")
+        frame = inputs[["position", "row", "image"]].reset_index(drop=True).assign(
+            derivative=s.mean(axis=1), positive_runs=(s > 0).mean(axis=1))
+        return frame.sort_values("derivative", ascending=False, kind="stable").head(int(k)).reset_index(drop=True)
 
     def save(self, directory):
         """Write ``tcav.csv``, ``runs.csv``, ``cavs.csv``, ``sets.csv``, ``inputs.csv``, ``provenance.json``,
@@ -330,7 +476,7 @@ class TCAVResult:
             np.save(d / f"cav_vectors/{k:03d}.npy", arr)
             vindex.append({"layer": layer, "file": f"cav_vectors/{k:03d}.npy"})
         pd.DataFrame(vindex, columns=["layer", "file"]).to_csv(d / "cav_vectors.csv", index=False)
-        (d / "provenance.json").write_text(json.dumps(self.provenance, indent=2, sort_keys=True))
+        (d / "provenance.json").write_text(json.dumps({**self.provenance, "skipped": list(self.skipped)}, indent=2, sort_keys=True))
         return d
 
     @classmethod
@@ -342,22 +488,26 @@ class TCAVResult:
         str_cols = {"concept": str, "layer": str, "class": str}
         index = pd.read_csv(d / "derivatives.csv", dtype=str, keep_default_na=False)
         vindex = pd.read_csv(d / "cav_vectors.csv", dtype=str, keep_default_na=False)
+        provenance = json.loads((d / "provenance.json").read_text())
+        skipped = provenance.pop("skipped", [])
         return cls(
-            table=pd.read_csv(d / "tcav.csv", dtype=str_cols, keep_default_na=False, na_values=[""]),
+            table=pd.read_csv(d / "tcav.csv", dtype={**str_cols, "direction": str, "gate": str}, keep_default_na=False,
+                              na_values={"p_adjusted": [""]}),
             runs=pd.read_csv(d / "runs.csv", dtype=str_cols, keep_default_na=False),
             derivatives={(r.layer, r._2): np.load(d / r.file) for r in index.itertuples()},
             cavs=pd.read_csv(d / "cavs.csv", dtype=str_cols, keep_default_na=False),
             cav_vectors={r.layer: np.load(d / r.file) for r in vindex.itertuples()},
             sets=pd.read_csv(d / "sets.csv", dtype=str, keep_default_na=False),
             inputs=pd.read_csv(d / "inputs.csv", dtype={"class": str, "image": str}, keep_default_na=False),
-            provenance=json.loads((d / "provenance.json").read_text()),
+            provenance=provenance,
+            skipped=tuple(skipped),
         )
 
 
 # --------------------------------------------------------------------------- the analyzer
 
 class TCAV:
-    """Testing with concept activation vectors, with calibrated significance.
+    """Testing with concept activation vectors, with calibrated significance and audit verdicts.
 
     Parameters
     ----------
@@ -375,45 +525,56 @@ class TCAV:
         spatially summed gradient).
     design : {"split", "standard"}
         How runs draw their sets (module docstring); ``split`` is calibrated by construction.
-    runs : int
-        Runs per concept (>= 10 recommended) and null runs, each with its own random set.
-    concept_size, random_size : int, optional
-        Concept examples and random counter-examples per CAV (default: as many as the smallest
-        concept and the pool allow).
-    test : {"welch", "permutation"}
-        Two-sided test of concept-run scores against null-run scores.
+    runs : int, optional
+        Concept runs, each with its own random set. Default (split design): as many as the smallest
+        concept allows with 2 images per run, at most 50 (:func:`plan_sizes`); standard design: 10.
+    null_runs : int
+        Random-vs-random runs (each a fresh pair of random sets of the concept runs' size); they
+        are cheap, and many of them pin down the null's bimodal distribution.
+    concept_size : int, optional
+        Concept examples per CAV, and random ones (the sets have equal size). Default: the smallest
+        concept's images divided among the runs (split) or all of them (standard).
+    test : {"mannwhitney", "welch", "permutation"}
+        Two-sided test of concept-run scores against null-run scores (:func:`~conceptlens.concepts.
+        stats.two_sample_pvalues`).
     correction : {"holm", "bh", "none"}
-        Across every (concept, layer, class) test of the experiment that passes the accuracy gate.
+        Across every (concept, layer, class) test of the experiment that passes the gate.
     alpha : float
-        Significance level of the adjusted p-values.
-    min_accuracy : float
-        Accuracy gate: a concept whose mean held-out CAV accuracy at a layer is below this is
-        flagged (``cav_ok`` False), left out of the correction and never significant.
+        Level of the adjusted p-values and of the equivalence tests.
+    margin : float
+        Equivalence margin on ``score - null`` for audits (``pass`` needs the ``1 - 2 alpha`` CI
+        of the difference within ``±margin``).
+    gate_quantile : float
+        A concept is tested at a layer only when its pooled held-out CAV accuracy exceeds this
+        quantile of the pooled accuracy of random groups of as many null CAVs.
     n_bootstrap, n_permutations : int
         Resamples for the score CI and the permutation test.
-    test_fraction : float
-        Held-out share of each CAV's examples for its accuracy.
+    cv_folds : int
+        Folds of each CAV's cross-fitted accuracy (at most the set size: 2 with 2 examples a side).
     cav_alpha : float
         Regularisation of ``sgd``/``logistic`` CAVs.
     seed : int
-        Seeds every random choice (sets, splits, classifiers, bootstrap, permutations).
+        Seeds every random choice (sets, splits, classifiers, bootstrap, permutations, gate groups).
     batch_size, num_workers : int
         Image loading; memory is bounded by one batch of activations and gradients.
+    skip_bad : bool
+        Leave unreadable concept, random-pool and class images out (listed in ``skipped``) instead
+        of failing; the plan is drawn from the images that could be read.
     preprocessing : Preprocessing, optional
         Default: the model's, updated by the data manifest's sidecar; concept and random images use
         the same.
     progress : bool
     """
 
-    def __init__(self, model, layers, method="mean-diff", pool="none", design="split", runs=10, concept_size=None,
-                 random_size=None, test="welch", correction="holm", alpha=0.05, min_accuracy=0.6, n_bootstrap=2000,
-                 n_permutations=9999, test_fraction=0.25, cav_alpha=0.01, seed=0, batch_size=64, num_workers=0,
-                 preprocessing=None, progress=True):
+    def __init__(self, model, layers, method="mean-diff", pool="none", design="split", runs=None, null_runs=200,
+                 concept_size=None, test="mannwhitney", correction="holm", alpha=0.05, margin=0.1, gate_quantile=0.95,
+                 n_bootstrap=2000, n_permutations=9999, cv_folds=4, cav_alpha=0.01, seed=0, batch_size=64,
+                 num_workers=0, skip_bad=False, preprocessing=None, progress=True):
         self.model, self.layers, self.method, self.pool, self.design = model, layers, method, pool, design
-        self.runs, self.concept_size, self.random_size = runs, concept_size, random_size
-        self.test, self.correction, self.alpha, self.min_accuracy = test, correction, alpha, min_accuracy
-        self.n_bootstrap, self.n_permutations, self.test_fraction, self.cav_alpha = n_bootstrap, n_permutations, test_fraction, cav_alpha
-        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        self.runs, self.null_runs, self.concept_size = runs, null_runs, concept_size
+        self.test, self.correction, self.alpha, self.margin, self.gate_quantile = test, correction, alpha, margin, gate_quantile
+        self.n_bootstrap, self.n_permutations, self.cv_folds, self.cav_alpha = n_bootstrap, n_permutations, cv_folds, cav_alpha
+        self.seed, self.batch_size, self.num_workers, self.skip_bad = seed, batch_size, num_workers, skip_bad
         self.preprocessing, self.progress = preprocessing, progress
 
     def _validate(self):
@@ -422,21 +583,34 @@ class TCAV:
             if value not in allowed:
                 raise ConceptLensError(f"the {name} parameter of TCAV must be one of {', '.join(allowed)}; got {value!r}")
 
+        def integer(name, low, hint="", optional=False):
+            v = getattr(self, name)
+            if (v is None and optional) or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low):
+                return
+            raise ConceptLensError(f"the {name} parameter of TCAV must be an integer >= {low}{' or None' if optional else ''}"
+                                   f"{hint}; got {v!r}")
+
+        def fraction(name):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ConceptLensError(f"the {name} parameter of TCAV must be in (0, 1); got {v!r}")
+
         choice("method", CAV_METHODS)
         choice("pool", POOLS)
         choice("design", DESIGNS)
         choice("test", stats.TESTS)
         choice("correction", stats.CORRECTIONS)
-        if not isinstance(self.runs, (int, np.integer)) or self.runs < 2:
-            raise ConceptLensError(f"the runs parameter of TCAV must be an integer >= 2 (10 or more recommended); got {self.runs!r}")
-        if self.runs < 10:
-            logger.warning("TCAV with %d runs: 10 or more are recommended for a stable test", self.runs)
-        if not 0 < self.alpha < 1:
-            raise ConceptLensError(f"the alpha parameter of TCAV must be in (0, 1); got {self.alpha!r}")
-        for name in ("concept_size", "random_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < 2):
-                raise ConceptLensError(f"the {name} parameter of TCAV must be an integer >= 2 or None; got {v!r}")
+        integer("runs", 2, " (default: chosen for power)", optional=True)
+        integer("null_runs", 2, " (200 or more recommended)")
+        if self.null_runs < 100:
+            logger.warning("TCAV with %d null runs: per-run scores of random directions are bimodal, and fewer than "
+                           "100 null runs estimate their distribution poorly", self.null_runs)
+        integer("concept_size", 2, optional=True)
+        integer("cv_folds", 2)
+        for name in ("alpha", "gate_quantile"):
+            fraction(name)
+        if not (isinstance(self.margin, (int, float)) and 0 < self.margin < 1):
+            raise ConceptLensError(f"the margin parameter of TCAV must be in (0, 1) (a difference of scores); got {self.margin!r}")
 
     def run(self, concepts, random_pool, classes, data, split=None, max_inputs=None, concept_names=None):
         """Run the experiment.
@@ -447,7 +621,8 @@ class TCAV:
             Concept sets (see :func:`load_concept_sets`).
         random_pool : path or list of paths
             Folder of images or manifest CSV (see :func:`load_image_pool`), or image paths. Images
-            that are also concept examples are removed from it.
+            that are also concept examples are removed from it; of a pool larger than the plan can
+            use, a seeded subsample is read.
         classes : list of str
             Class names (or logit indices as strings); each class's inputs are the manifest rows
             with that label.
@@ -481,66 +656,80 @@ class TCAV:
             pool = [p for p in pool if p not in taken]
         manifest, class_inputs = _class_inputs(model, data, classes, split, max_inputs, rng)
         prep = model.preprocessing_for(manifest, self.preprocessing)
-        m, n, parts, pseudo, counters = _plan(
-            self.design, {k: len(v) for k, v in sets.items()}, len(pool), self.runs, self.concept_size, self.random_size, rng
-        )
-
-        # Every image of the plan, once: concept parts, then pool images.
+        # Check the plan on the files before reading any; then read every concept image and as much of
+        # the pool as the plan can use, and draw the sets from the images that could be read.
+        _plan(self.design, {k: len(v) for k, v in sets.items()}, len(pool), self.runs, self.null_runs, self.concept_size,
+              np.random.default_rng(0))
+        runs, m = plan_sizes(self.design, min(len(v) for v in sets.values()), self.runs, self.concept_size)
+        usable = m + runs * m + 2 * m * self.null_runs
+        if len(pool) > usable:
+            logger.info("reading %d of the random pool's %d images (seeded): the plan uses at most that many", usable, len(pool))
+            pool = [pool[i] for i in np.sort(rng.choice(len(pool), size=usable, replace=False))]
         names = list(sets)
-        used_c = {c: np.unique(parts[c]) for c in names}
-        used_p = np.unique(np.concatenate([pseudo.ravel(), counters.ravel()]))
-        paths, offset, row_of = [], 0, {}
-        for c in names:
-            row_of[c] = np.full(len(sets[c]), -1)
-            row_of[c][used_c[c]] = offset + np.arange(len(used_c[c]))
-            paths += [sets[c][i] for i in used_c[c]]
-            offset += len(used_c[c])
-        row_of[NULL] = np.full(len(pool), -1)
-        row_of[NULL][used_p] = offset + np.arange(len(used_p))
-        paths += [pool[i] for i in used_p]
-        acts = self._activations(model, paths, layers, prep)
+        sources = [f"concept {c}" for c in names for _ in sets[c]] + ["random pool"] * len(pool)
+        paths = [p for c in names for p in sets[c]] + list(pool)
+        acts, kept, skipped = self._activations(model, paths, sources, layers, prep)
+        kept_source = np.asarray(sources)[kept]
+        row_of = {c: np.flatnonzero(kept_source == f"concept {c}") for c in names}
+        row_of[NULL] = np.flatnonzero(kept_source == "random pool")
+        runs, m, parts, counters, null_pos, null_neg = _plan(
+            self.design, {c: len(row_of[c]) for c in names}, len(row_of[NULL]), self.runs, self.null_runs,
+            self.concept_size, rng)
 
-        class_meta = [(name, len(sub)) for name, _, sub, _ in class_inputs]
-        table, runs_frame, cav_frame, sets_frame, derivatives, fitted = self._experiment(
-            names, acts, [str(p) for p in paths], row_of, parts, pseudo, counters, layers, class_meta,
-            lambda fitted: self._derivatives(model, class_inputs, layers, prep, fitted), rng,
-        )
+        derivative_state = {}
+
+        def derivatives(fitted):
+            out, inputs, skipped_inputs = self._derivatives(model, class_inputs, layers, prep, fitted)
+            derivative_state.update(inputs=inputs, skipped=skipped_inputs)
+            return out
+
+        kept_paths = [str(paths[i]) for i in kept]
+        table, runs_frame, cav_frame, sets_frame, derivs, fitted = self._experiment(
+            names, acts, kept_paths, row_of, parts, counters, null_pos, null_neg, runs, layers,
+            [name for name, *_ in class_inputs], derivatives, rng)
+        inputs = derivative_state["inputs"]
         provenance = {
-            **self._provenance_core(m, n, fitted),
+            **self._provenance_core(runs, m, fitted),
             "model": model.spec,
             "weights_hash": model.weights_hash,
             "layers": layers,
             "classes": {name: int(idx) for name, idx, _, _ in class_inputs},
             "data": {"manifest": str(manifest.path), "manifest_hash": manifest.content_hash(), "split": split,
-                     "max_inputs": max_inputs, "n_inputs": {name: len(sub) for name, _, sub, _ in class_inputs}},
-            "concepts": {c: {"n_images": len(sets[c]), "hash": _set_hash(sets[c])} for c in names},
+                     "max_inputs": max_inputs, "n_inputs": {k: int(v) for k, v in inputs.groupby("class").size().items()}},
+            "concepts": {c: {"n_images": len(sets[c]), "n_read": int(len(row_of[c])), "hash": _set_hash(sets[c])} for c in names},
             "random_pool": {"source": str(random_pool) if isinstance(random_pool, (str, os.PathLike)) else "paths",
-                            "n_images": len(pool), "hash": _set_hash(pool)},
+                            "n_images": len(pool), "n_read": int(len(row_of[NULL])), "hash": _set_hash(pool)},
             "preprocessing": prep.to_dict(),
         }
-        inputs = pd.DataFrame([{"class": name, "position": i, "row": int(r), "image": img}
-                               for name, _, sub, rows in class_inputs for i, (r, img) in enumerate(zip(rows, sub.frame["image"]))])
-        return TCAVResult(table=table, runs=runs_frame, derivatives=derivatives, cavs=cav_frame,
-                          cav_vectors={k: f.vectors for k, f in fitted.items()}, sets=sets_frame, inputs=inputs, provenance=provenance)
+        return TCAVResult(table=table, runs=runs_frame, derivatives=derivs, cavs=cav_frame,
+                          cav_vectors={k: f.vectors for k, f in fitted.items()}, sets=sets_frame, inputs=inputs,
+                          provenance=provenance, skipped=tuple(skipped + derivative_state["skipped"]))
 
-    def _provenance_core(self, m, n, fitted):
+    def _provenance_core(self, runs, m, fitted):
         return {
             "library": f"conceptlens {__version__}",
-            "parameters": {"method": self.method, "pool": self.pool, "design": self.design, "runs": int(self.runs),
-                           "concept_size": int(m), "random_size": int(n), "test": self.test,
-                           "correction": self.correction, "alpha": self.alpha, "min_accuracy": self.min_accuracy,
-                           "n_bootstrap": self.n_bootstrap, "n_permutations": self.n_permutations,
-                           "test_fraction": self.test_fraction, "cav_alpha": self.cav_alpha, "seed": self.seed},
+            "parameters": {"method": self.method, "pool": self.pool, "design": self.design, "runs": int(runs),
+                           "runs_requested": self.runs, "null_runs": int(self.null_runs), "concept_size": int(m),
+                           "random_size": int(m), "test": self.test, "correction": self.correction, "alpha": self.alpha,
+                           "margin": self.margin, "gate_quantile": self.gate_quantile, "n_bootstrap": self.n_bootstrap,
+                           "n_permutations": self.n_permutations, "cv_folds": self.cv_folds,
+                           "cav_alpha": self.cav_alpha, "seed": self.seed},
             "methods": {
                 "cav": next(iter(fitted.values())).method,
                 "score": "fraction of class inputs with d logit_k/d f_l(x) . v > 0 (explicit class logit k, unit CAV v)",
                 "magnitude": "sum of positive S / sum of |S| over class inputs",
-                "test": "two-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False)" if self.test == "welch"
-                        else f"two-sided permutation test of the Welch statistic ({self.n_permutations} resamples)",
-                "null": "random-vs-random CAVs: pseudo-concepts from the random pool (fixed positive role) against the same random sets",
+                "test": {"mannwhitney": "two-sided Mann-Whitney U (scipy.stats.mannwhitneyu, asymptotic, tie-corrected)",
+                         "welch": "two-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False)",
+                         "permutation": f"two-sided permutation test of the Welch statistic ({self.n_permutations} resamples)"}[self.test],
+                "null": f"{self.null_runs} random-vs-random CAVs: pseudo-concepts of random-pool images against disjoint random sets",
+                "gate": f"pooled held-out CAV accuracy > the {self.gate_quantile:g} quantile of the pooled accuracy of random "
+                        "groups of as many null CAVs",
                 "correction": {"holm": "Holm step-down (FWER)", "bh": "Benjamini-Hochberg (FDR)", "none": "none"}[self.correction],
+                "equivalence": f"TOST (two one-sided Welch t-tests) of |score - null| < {self.margin:g} at level {self.alpha:g}",
+                "audit": "fail: Holm over the audit's gated tests < alpha; pass: equivalence at every gated layer; else inconclusive",
                 "ci": f"percentile bootstrap of the mean run score ({self.n_bootstrap} resamples, 95 %)",
                 "stability": "mean pairwise cosine of the concept's CAVs across runs",
+                "accuracy": f"cross-fitted ({self.cv_folds} stratified folds at most), CAV fitted on all examples",
             },
         }
 
@@ -568,40 +757,43 @@ class TCAV:
         layers = list(pool_activations)
         sizes = {c: len(next(iter(concept_activations[c].values()))) for c in names}
         pool_size = len(pool_activations[layers[0]])
-        m, n, parts, pseudo, counters = _plan(self.design, sizes, pool_size, self.runs, self.concept_size, self.random_size, rng)
+        runs, m, parts, counters, null_pos, null_neg = _plan(self.design, sizes, pool_size, self.runs, self.null_runs,
+                                                             self.concept_size, rng)
         acts = {layer: np.concatenate([concept_activations[c][layer] for c in names] + [pool_activations[layer]]) for layer in layers}
         offsets = np.cumsum([0] + [sizes[c] for c in names])
         row_of = {c: offsets[i] + np.arange(sizes[c]) for i, c in enumerate(names)}
         row_of[NULL] = offsets[-1] + np.arange(pool_size)
-        class_meta = [(str(k), len(next(iter(g.values())))) for k, g in gradients.items()]
+        classes = [str(k) for k in gradients]
 
         def derivatives(fitted):
             return {(layer, str(k)): (np.asarray(g[layer], np.float32) @ fitted[layer].vectors.T) for k, g in gradients.items() for layer in layers}
 
         images = [f"{c}:{i}" for c in names for i in range(sizes[c])] + [f"{NULL}:{i}" for i in range(pool_size)]
         table, runs_frame, cav_frame, sets_frame, derivs, fitted = self._experiment(
-            names, acts, images, row_of, parts, pseudo, counters, layers, class_meta, derivatives, rng)
-        provenance = {**self._provenance_core(m, n, fitted), "layers": layers, "inputs": "precomputed arrays (TCAV.run_arrays)"}
-        inputs = pd.DataFrame([{"class": name, "position": i, "row": i, "image": ""} for name, k in class_meta for i in range(k)])
+            names, acts, images, row_of, parts, counters, null_pos, null_neg, runs, layers, classes, derivatives, rng)
+        provenance = {**self._provenance_core(runs, m, fitted), "layers": layers, "inputs": "precomputed arrays (TCAV.run_arrays)"}
+        inputs = pd.DataFrame([{"class": str(k), "position": i, "row": i, "image": ""}
+                               for k, g in gradients.items() for i in range(len(next(iter(g.values()))))])
         return TCAVResult(table=table, runs=runs_frame, derivatives=derivs, cavs=cav_frame,
                           cav_vectors={k: f.vectors for k, f in fitted.items()}, sets=sets_frame, inputs=inputs, provenance=provenance)
 
-    def _experiment(self, names, acts, images, row_of, parts, pseudo, counters, layers, class_meta, derivative_fn, rng):
+    def _experiment(self, names, acts, images, row_of, parts, counters, null_pos, null_neg, runs, layers, classes,
+                    derivative_fn, rng):
         """Fit every CAV, get the derivatives, test. CAV order per layer: each concept's runs, then the null's."""
-        pos = [row_of[c][parts[c][r]] for c in names for r in range(self.runs)]
-        pos += [row_of[NULL][pseudo[r]] for r in range(self.runs)]
-        neg = [row_of[NULL][counters[r]] for _ in range(len(names) + 1) for r in range(self.runs)]
-        owners = [c for c in names for _ in range(self.runs)] + [NULL] * self.runs
+        n_null = len(null_pos)
+        pos = [row_of[c][parts[c][r]] for c in names for r in range(runs)] + [row_of[NULL][q] for q in null_pos]
+        neg = [row_of[NULL][counters[r]] for _ in names for r in range(runs)] + [row_of[NULL][q] for q in null_neg]
+        owners = np.array([c for c in names for _ in range(runs)] + [NULL] * n_null, dtype=object)
+        run_of = np.concatenate([np.tile(np.arange(runs), len(names)), np.arange(n_null)])
         cav_seeds = rng.integers(0, 2**31 - 1, size=len(layers))
         fitted = {
-            layer: fit_cavs(acts[layer], pos, neg, self.method, self.test_fraction, self.cav_alpha, seed=int(s))
+            layer: fit_cavs(acts[layer], pos, neg, self.method, self.cv_folds, self.cav_alpha, seed=int(s))
             for layer, s in zip(layers, cav_seeds)
         }
         derivatives = derivative_fn(fitted)
-        table, runs_frame, cav_frame = self._statistics(names, owners, layers, class_meta, fitted, derivatives, rng)
-        runs_of = np.tile(np.arange(self.runs), len(names) + 1)
-        pos_name = [f"{o}/run{r}" for o, r in zip(owners, runs_of)]
-        neg_name = [f"counter/run{r}" for r in runs_of]
+        table, runs_frame, cav_frame = self._statistics(names, owners, run_of, runs, layers, classes, fitted, derivatives, rng)
+        pos_name = [f"{o}/run{r}" if o != NULL else f"null/run{r}" for o, r in zip(owners, run_of)]
+        neg_name = [f"counter/run{r}" if o != NULL else f"null-counter/run{r}" for o, r in zip(owners, run_of)]
         cav_frame["positive_set"] = np.tile(pos_name, len(layers))
         cav_frame["negative_set"] = np.tile(neg_name, len(layers))
         members = {**dict(zip(pos_name, pos)), **dict(zip(neg_name, neg))}
@@ -615,86 +807,118 @@ class TCAV:
             return t.reshape(t.shape[0], -1)
         return t.mean(dim=(2, 3)) if self.pool == "mean" else t.amax(dim=(2, 3))
 
-    def _activations(self, model, paths, layers, prep):
-        batches = make_loader(Manifest.from_images(paths), prep, batch_size=self.batch_size, num_workers=self.num_workers)
-        chunks = {layer: [] for layer in layers}
+    def _activations(self, model, paths, sources, layers, prep):
+        """Activations of the images that could be read: ``(acts, kept positions, skipped)``."""
+        batches = make_loader(Manifest.from_images(paths, kind="image"), prep, batch_size=self.batch_size,
+                              num_workers=self.num_workers, skip_bad=self.skip_bad)
+        chunks, kept = {layer: [] for layer in layers}, []
         bar = tqdm(total=len(paths), desc="tcav activations", unit="img", disable=not self.progress)
         for rows, maps, _ in iter_activations(model, batches, layers, pool="none"):
             for layer in layers:
                 chunks[layer].append(self._flat(maps[layer]).float().cpu().numpy())
+            kept.append(np.asarray(rows))
             bar.update(len(rows))
         bar.close()
-        return {layer: np.concatenate(c) for layer, c in chunks.items()}
+        skipped = [{"source": sources[b.manifest_row], "manifest_row": None, "image": str(paths[b.manifest_row]),
+                    "error": b.error} for b in batches.skipped]
+        if not kept:
+            raise ConceptLensError("no concept or random-pool image could be read; see the warnings above")
+        return {layer: np.concatenate(c) for layer, c in chunks.items()}, np.concatenate(kept), skipped
 
     def _derivatives(self, model, class_inputs, layers, prep, fitted):
-        """``{(layer, class): S [n_inputs, n_cavs]}``: one gradient pass per class, one matmul per layer."""
+        """``({(layer, class): S [n_inputs, n_cavs]}, inputs frame, skipped)``: one gradient pass per
+        class, one matmul per layer; ``inputs`` lists the inputs that could be read."""
         device = model.device
         cavs = {layer: torch.from_numpy(f.vectors).to(device) for layer, f in fitted.items()}
-        out = {}
+        out, inputs, skipped = {}, [], []
         total = sum(len(sub) for _, _, sub, _ in class_inputs)
         bar = tqdm(total=total, desc="tcav gradients", unit="img", disable=not self.progress)
-        for name, index, sub, _ in class_inputs:
-            batches = make_loader(sub, prep, batch_size=self.batch_size, num_workers=self.num_workers)
-            chunks = {layer: [] for layer in layers}
+        for name, index, sub, rows in class_inputs:
+            batches = make_loader(sub, prep, batch_size=self.batch_size, num_workers=self.num_workers, skip_bad=self.skip_bad)
+            chunks, read = {layer: [] for layer in layers}, []
             for gb in iter_gradients(model, batches, layers, (index,)):
                 for layer in layers:
                     g = gb.gradients[layer][0]
                     g = g.reshape(g.shape[0], -1) if self.pool == "none" or g.dim() == 2 else g.sum(dim=(2, 3))
                     chunks[layer].append((g.float() @ cavs[layer].T).cpu().numpy())
+                read.append(np.asarray(gb.rows))
                 bar.update(len(gb.rows))
+            skipped += [{"source": f"class {name}", "manifest_row": int(rows[b.manifest_row]), "image": b.image, "error": b.error}
+                        for b in batches.skipped]
+            if not read:
+                raise ConceptLensError(f"no input image of class {name!r} could be read; see the warnings above")
+            read = np.concatenate(read)
+            inputs += [{"class": name, "position": i, "row": int(rows[j]), "image": sub.frame["image"].iloc[j]}
+                       for i, j in enumerate(read)]
             for layer in layers:
                 out[(layer, name)] = np.concatenate(chunks[layer]).astype(np.float32)
         bar.close()
-        return out
+        return out, pd.DataFrame(inputs, columns=["class", "position", "row", "image"]), skipped
 
-    def _statistics(self, names, owners, layers, class_meta, fitted, derivatives, rng):
-        runs = self.runs
-        owners = np.asarray(owners)
-        run_of = np.tile(np.arange(runs), len(names) + 1)
+    def _gate(self, accuracy, n_concepts, runs, rng):
+        """Per concept: pooled accuracy over its runs, and the gate - the ``gate_quantile`` of the pooled
+        accuracy of random groups of ``runs`` null CAVs (drawn without replacement within a group)."""
+        null = accuracy[n_concepts * runs:]
+        groups = np.argsort(rng.random((2000, len(null))), axis=1)[:, : min(runs, len(null))]
+        gate = float(np.quantile(null[groups].mean(axis=1), self.gate_quantile))
+        return accuracy[: n_concepts * runs].reshape(n_concepts, runs).mean(axis=1), gate
+
+    def _statistics(self, names, owners, run_of, runs, layers, classes, fitted, derivatives, rng):
+        n_c = len(names)
+        null = slice(n_c * runs, None)
+        n_null = len(owners) - n_c * runs
         run_rows, table_rows, a_rows, b_rows = [], [], [], []
         for layer in layers:
             acc = fitted[layer].accuracy
-            vec = fitted[layer].vectors.reshape(len(names) + 1, runs, -1)
-            stability = stats.mean_pairwise_cosine(vec)
-            for cname, n_inputs in class_meta:
+            vectors = fitted[layer].vectors
+            stability = stats.mean_pairwise_cosine(vectors[: n_c * runs].reshape(n_c, runs, -1))
+            null_stability = float(stats.mean_pairwise_cosine(vectors[null]))
+            pooled, gate = self._gate(acc, n_c, runs, rng)
+            for cname in classes:
                 s = derivatives[(layer, cname)]
                 score = (s > 0).mean(axis=0)
                 absum = np.abs(s).sum(axis=0)
                 magnitude = np.where(absum > 0, np.clip(s, 0, None).sum(axis=0) / np.where(absum > 0, absum, 1), 0.5)
-                for k, owner in enumerate(owners):
-                    run_rows.append({"concept": owner, "role": "null" if owner == NULL else "concept", "layer": layer,
-                                     "class": cname, "run": int(run_of[k]), "cav": k, "score": float(score[k]),
-                                     "magnitude": float(magnitude[k]), "cav_accuracy": float(acc[k])})
-                null = slice(len(names) * runs, None)
+                run_rows.append(pd.DataFrame({
+                    "concept": owners, "role": np.where(owners == NULL, "null", "concept"), "layer": layer, "class": cname,
+                    "run": run_of, "cav": np.arange(len(owners)), "score": score, "magnitude": magnitude, "cav_accuracy": acc}))
                 for i, concept in enumerate(names):
                     sl = slice(i * runs, (i + 1) * runs)
                     a_rows.append(score[sl])
                     b_rows.append(score[null])
                     table_rows.append({
                         "concept": concept, "layer": layer, "class": cname,
-                        "score_mean": float(score[sl].mean()), "null_mean": float(score[null].mean()),
+                        "score_mean": float(score[sl].mean()), "score_sd": float(score[sl].std(ddof=1)),
+                        "null_mean": float(score[null].mean()), "null_sd": float(score[null].std(ddof=1)),
                         "magnitude_mean": float(magnitude[sl].mean()),
-                        "cav_accuracy": float(acc[sl].mean()), "null_accuracy": float(acc[null].mean()),
-                        "cav_stability": float(stability[i]), "null_stability": float(stability[-1]),
-                        "n_runs": runs, "n_inputs": n_inputs,
+                        "cav_accuracy": float(pooled[i]), "accuracy_gate": gate, "null_accuracy": float(acc[null].mean()),
+                        "cav_stability": float(stability[i]), "null_stability": null_stability,
+                        "n_runs": runs, "n_null_runs": n_null, "n_inputs": int(s.shape[0]),
                     })
         table = pd.DataFrame(table_rows)
         a, b = np.stack(a_rows), np.stack(b_rows)
+        table["difference"] = table["score_mean"] - table["null_mean"]
+        table["direction"] = np.where(table["difference"] > 0, "more", np.where(table["difference"] < 0, "less", ""))
         table["p_value"] = stats.two_sample_pvalues(a, b, self.test, self.n_permutations, seed=int(rng.integers(2**31 - 1)))
         low, high = stats.bootstrap_ci(a, n_resamples=self.n_bootstrap, seed=int(rng.integers(2**31 - 1)))
         table["score_ci_low"], table["score_ci_high"] = low, high
-        table["cav_ok"] = table["cav_accuracy"] >= self.min_accuracy
+        table["p_equivalence"], table["diff_ci_low"], table["diff_ci_high"] = stats.equivalence_test(a, b, self.margin, self.alpha)
+        table["equivalent"] = table["p_equivalence"] < self.alpha
+        table["cav_ok"] = table["cav_accuracy"] > table["accuracy_gate"]
+        table["gate"] = np.where(table["cav_ok"], "", [f"CAV accuracy {x:.2f} <= random-vs-random {g:.2f}: not tested"
+                                                       for x, g in zip(table["cav_accuracy"], table["accuracy_gate"])])
         gated = int((~table["cav_ok"]).sum())
         if gated:
-            logger.info("%d of %d tests have CAVs below the accuracy gate %.2f: flagged, not tested", gated, len(table), self.min_accuracy)
+            logger.info("%d of %d tests have CAVs no better than random-vs-random ones: flagged, not tested", gated, len(table))
         table["p_adjusted"] = stats.adjust_pvalues(np.where(table["cav_ok"], table["p_value"], np.nan), self.correction)
         table["significant"] = table["cav_ok"] & (table["p_adjusted"] < self.alpha)
-        cols = ["concept", "layer", "class", "score_mean", "score_ci_low", "score_ci_high", "null_mean", "magnitude_mean",
-                "p_value", "p_adjusted", "significant", "cav_accuracy", "cav_ok", "cav_stability", "null_accuracy",
-                "null_stability", "n_runs", "n_inputs"]
+        cols = ["concept", "layer", "class", "score_mean", "score_ci_low", "score_ci_high", "score_sd", "null_mean", "null_sd",
+                "difference", "direction", "magnitude_mean", "p_value", "p_adjusted", "significant", "p_equivalence",
+                "diff_ci_low", "diff_ci_high", "equivalent", "cav_accuracy", "accuracy_gate", "cav_ok", "gate",
+                "cav_stability", "null_accuracy", "null_stability", "n_runs", "n_null_runs", "n_inputs"]
         cav_frame = pd.DataFrame([
             {"layer": layer, "cav": k, "role": "null" if o == NULL else "concept", "concept": o, "run": int(run_of[k]),
              "accuracy": float(fitted[layer].accuracy[k])}
             for layer in layers for k, o in enumerate(owners)
         ])
-        return table[cols], pd.DataFrame(run_rows), cav_frame
+        return table[cols], pd.concat(run_rows, ignore_index=True), cav_frame

@@ -38,7 +38,7 @@ random_pool = "world/random"
 names = ["tag", "red", "blue", "stripes", "dots"]
 classes = ["circle", "square"]
 layers = ["conv3", "conv4"]
-runs = {runs}
+# runs: chosen for power (as many as the concept images allow at 2 per run, at most 50)
 
 [dissection]
 broden = "world/broden"
@@ -69,8 +69,8 @@ insensitive = ["tag:circle"]
 
 
 DUPLICATES, LABEL_NOISE = 10, 0.02
-# TCAV's split design gives each run its own concept images: 100 images, 20 runs -> 5 per CAV.
-CONCEPT_IMAGES, RUNS = 100, 20
+# TCAV's split design gives each run its own concept images: 100 images -> 50 runs of 2 per CAV.
+CONCEPT_IMAGES = 100
 
 
 def _reuse_or_train(world, weights, epochs, seed, device, progress):
@@ -116,7 +116,7 @@ def run_demo(out="conceptlens-demo", quick=False, seed=0, device="auto", tag_bia
     log(f"[{time.perf_counter() - t0:6.1f} s] demo CNN: test accuracy {side['test_accuracy']:.3f}"
         f"{' (reused)' if reused else ''} ({weights})")
     spec_path = out / "report.toml"
-    spec_path.write_text(DEMO_SPEC.format(seed=seed, device=device, runs=RUNS))
+    spec_path.write_text(DEMO_SPEC.format(seed=seed, device=device))
 
     def on_stage(name, seconds, cached):
         log(f"[{time.perf_counter() - t0:6.1f} s] {name}: {seconds:.1f} s{' (cached)' if cached else ''}")

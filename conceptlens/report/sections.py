@@ -53,9 +53,6 @@ def section_overview(page, spec, results):
 
 # --------------------------------------------------------------------------- concepts (TCAV)
 
-TCAV_MAX_INPUTS = 100  # class inputs per class (seeded subsample): the score's CI is over runs, not inputs
-
-
 def _tcav_classes(run):
     spec = run.spec
     if spec.tcav_classes is not None:
@@ -76,17 +73,35 @@ def stage_tcav(run, results):
     for _, cls in spec.audit_insensitive:
         if cls not in classes:
             classes.append(cls)
-    params = {"layers": layers, "classes": classes, "runs": spec.tcav_runs, "max_inputs": TCAV_MAX_INPUTS,
-              "concepts": fingerprint(spec.concepts), "names": spec.concept_names, "random": fingerprint(spec.random_pool)}
+    # The CLI's defaults and all of each class's inputs, so the report and `conceptlens tcav` agree.
+    params = {"layers": layers, "classes": classes, "runs": spec.tcav_runs, "concepts": fingerprint(spec.concepts),
+              "names": spec.concept_names, "random": fingerprint(spec.random_pool)}
 
     def compute(d):
         tcav = TCAV(run.model, layers, runs=spec.tcav_runs, seed=spec.seed, batch_size=spec.batch_size,
                     progress=run.progress)
         names = list(spec.concept_names) if spec.concept_names else None
-        tcav.run(spec.concepts, spec.random_pool, classes, run.manifest, max_inputs=TCAV_MAX_INPUTS,
-                 concept_names=names).save(d)
+        tcav.run(spec.concepts, spec.random_pool, classes, run.manifest, concept_names=names).save(d)
 
     return {"tcav": run.stage("tcav", params, compute, TCAVResult.load)}
+
+
+def _tcav_display(table):
+    """The TCAV table as a reader needs it: score with its CI, direction, p-values printed once, the gate's reason."""
+    from ..concepts.stats import format_p
+
+    out = pd.DataFrame({
+        "concept": table["concept"], "layer": table["layer"], "class": table["class"],
+        "score [95 % CI]": [f"{m:.3f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in
+                            zip(table["score_mean"], table["score_ci_low"], table["score_ci_high"])],
+        "null": table["null_mean"].round(3),
+        "direction": [f"{d} than random" if d and ok else "" for d, ok in zip(table["direction"], table["cav_ok"])],
+        "p": [format_p(p) for p in table["p_value"]],
+        "p_adj": [format_p(p) if ok else "not tested" for p, ok in zip(table["p_adjusted"], table["cav_ok"])],
+        "significant": table["significant"],
+        "CAV acc / gate": [f"{a:.2f} / {g:.2f}" for a, g in zip(table["cav_accuracy"], table["accuracy_gate"])],
+    })
+    return out
 
 
 def section_concepts(page, spec, results):
@@ -95,23 +110,28 @@ def section_concepts(page, spec, results):
     res = results["tcav"]
     table = res.to_frame()
     prov = res.provenance.get("parameters", {})
-    text = (f"TCAV score = fraction of class inputs whose class logit increases along the concept's CAV "
-            f"(mean over runs, bootstrap 95 % CI), tested against random-vs-random CAVs "
-            f"({prov.get('test', 'welch')} test, {prov.get('correction', 'holm')} correction over the whole experiment, "
-            f"alpha {prov.get('alpha', 0.05)}); CAV method {prov.get('method', '?')}. * = significant.")
-    cols = ["concept", "layer", "class", "score_mean", "score_ci_low", "score_ci_high", "null_mean", "p_value",
-            "p_adjusted", "significant", "cav_accuracy", "cav_ok", "cav_stability", "n_runs"]
-    blocks = [table_block(page, table[[c for c in cols if c in table]], "tcav", "TCAV scores", text, max_rows=60)]
+    text = (f"TCAV score = fraction of class inputs whose class logit increases along the concept's CAV (mean over "
+            f"{prov.get('runs')} runs of {prov.get('concept_size')} concept against as many random images, bootstrap 95 % CI), "
+            f"tested against {prov.get('null_runs')} random-vs-random runs ({prov.get('test')} test, "
+            f"{prov.get('correction')} correction over the whole table, alpha {prov.get('alpha')}). Direction: whether "
+            "the class is more or less sensitive to the concept than to random directions. A concept is tested at a "
+            "layer only when its cross-fitted CAV accuracy beats the gate, the "
+            f"{prov.get('gate_quantile')} quantile of random-vs-random CAVs' accuracy; below it the layer does not "
+            "represent the concept and p_adj says 'not tested'. Inputs: every manifest row of each class, as "
+            "`conceptlens tcav` uses them.")
+    blocks = [table_block(page, _tcav_display(table), "tcav", "TCAV scores", text, max_rows=60)]
+    page.table(table, "tcav")  # the full table (every column) in tables/tcav.csv
     for cls, g in table.groupby("class", sort=True):
         path = grouped_bars(g, "concept", "layer", "score_mean", "score_ci_low", "score_ci_high",
                             page.asset(f"tcav-{_slug(cls)}.png"), f"TCAV scores for class {cls}", "TCAV score",
                             reference=0.5, marks="significant")
         blocks.append(image_block(page, path, f"TCAV scores for class {cls}", caption=f"class {cls}: bars = layers, "
                                   "whiskers = 95 % CI, * = significant after correction"))
-    quality = table.groupby(["concept", "layer"], sort=False)[["cav_accuracy", "cav_stability"]].first().reset_index()
+    quality = table.groupby(["concept", "layer"], sort=False)[["cav_accuracy", "accuracy_gate", "cav_ok", "cav_stability"]].first().reset_index()
     blocks.append(table_block(page, quality, "cav_quality", "CAV quality",
-                              "Held-out accuracy of the concept-vs-random classifiers (near 0.5: not a concept at this "
-                              "layer, flagged and never significant) and stability (mean pairwise cosine of the runs' CAVs).",
+                              "Cross-fitted accuracy of the concept-vs-random classifiers, pooled over runs, against the "
+                              "gate (random sets told apart from each other as well as this would not be a concept: "
+                              "cav_ok false, not tested), and stability (mean pairwise cosine of the runs' CAVs).",
                               max_rows=60))
     page.section("concepts", "Concepts", blocks)
 
@@ -179,8 +199,10 @@ def audit_verdicts(spec, results):
     rows = []
     if spec.audit_insensitive and "tcav" in results:
         for r in results["tcav"].audit(list(spec.audit_insensitive)).itertuples():
+            evidence = r.evidence + (f"; to decide: {r.fix}" if r.fix else "")
             rows.append({"kind": "concept sensitivity", "name": f"class {r._2} must not be sensitive to concept {r.concept}",
-                         "verdict": r.verdict, "evidence": r.evidence})
+                         "verdict": r.verdict, "evidence": f"{evidence} (margin ±{r.margin:g}, alpha {r.alpha:g}; "
+                                                            "p_audit: Holm over the audits' tests)"})
     if spec.audit_not_decodable and "probes" in results:
         probes = results["probes"]
         probed = set(probes.to_frame()["target"])
@@ -246,8 +268,8 @@ def stage_representation(run, results):
     if _wants(spec, "dataset"):
         label_column = "label" if "label" in run.manifest.frame else None
         out["neighbors"] = run.stage(
-            "neighbors", {"layer": layers[-1]},
-            lambda d: neighbors(store, layers[-1], label_column=label_column).save(d), NeighborResult.load)
+            "neighbors", {"layer": layers[-1], "duplicates": False},
+            lambda d: neighbors(store, layers[-1], label_column=label_column, duplicates=False).save(d), NeighborResult.load)
         # Near-duplicates are copies up to noise and small shifts: compare layouts (an early layer pooled to
         # a 4x4 grid), which mean-pooled deep features do not keep. A second, early-stopped pass.
         dup_layer = spec.duplicate_layer or layers[0]
@@ -263,27 +285,14 @@ def stage_representation(run, results):
 
 
 def _probe_with_baselines(run, store, targets, layers, directory):
-    """Probes against the same layers of a seeded random-init copy and against pooled input pixels,
-    both extracted into the stage's folder (a model without initialisers gets no random-init baseline,
-    and its decodability audits say so)."""
-    import logging
-
-    from ..errors import ConceptLensError
-    from ..models import random_init_copy
-    from ..representation import extract
-    from ..representation.baselines import pixel_layers, pixel_model
+    """Probes against a seeded random-init copy and pooled input pixels, extracted into the stage's
+    folder; a model without initialisers gets no random-init baseline, and its audits say so."""
+    from ..representation.baselines import extract_baselines
     from ..representation.probes import probe
 
     spec = run.spec
-    common = dict(batch_size=spec.batch_size, progress=run.progress)
-    try:
-        copy = random_init_copy(run.model, seed=spec.seed)
-    except ConceptLensError as exc:
-        logging.getLogger(__name__).warning("probes without a random-init baseline: %s", exc)
-        baseline = None
-    else:
-        baseline = extract(copy, run.manifest, layers, directory / "baseline-store", pool="mean", **common)
-    pixels = extract(pixel_model(run.model), run.manifest, pixel_layers(), directory / "pixel-store", pool="mean", **common)
+    baseline, pixels = extract_baselines(run.model, run.manifest, layers, directory, seed=spec.seed, required=False,
+                                         batch_size=spec.batch_size, progress=run.progress)
     return probe(store, targets, layers, baseline=baseline, pixels=pixels, seed=spec.seed, progress=run.progress)
 
 
@@ -397,23 +406,81 @@ def stage_drilldown(run, results):
     return {"drilldown": run.stage("drilldown", params, compute, lambda d: (Explanations.load(d), d))}
 
 
-def section_drilldown(page, spec, results):
-    if "drilldown" not in results:
-        return page.section("drilldown", "Drill-down", skipped="the drilldown section was not requested")
-    expl, directory = results["drilldown"]
-    text = (f"Attribution maps of the predicted class for {len(expl.rows)} seeded test images "
-            f"({spec.drill_samples} per class), methods: {', '.join(expl.methods)}.")
+AUDIT_DRILL_IMAGES = 4  # inputs shown per failed audit
+
+
+def failed_audits(spec, results):
+    """``[(concept, class, layer, audit row)]`` of the TCAV audits that failed, at their deciding layer."""
+    if not spec.audit_insensitive or "tcav" not in results:
+        return []
+    verdicts = results["tcav"].audit(list(spec.audit_insensitive))
+    return [(r.concept, r._2, r.layer, r) for r in verdicts.itertuples() if r.verdict == "fail"]
+
+
+def stage_audit_drilldown(run, results):
+    """Attributions of the inputs behind each failed audit: those whose class logit rises most along
+    the concept's CAVs at the deciding layer (:meth:`TCAVResult.top_inputs`)."""
+    if not _wants(run.spec, "drilldown"):
+        return {}
+    from ..attribution import Explanations, explain
+
+    out = {}
+    for concept, cls, layer, _ in failed_audits(run.spec, results):
+        top = results["tcav"].top_inputs(concept, cls, layer, k=AUDIT_DRILL_IMAGES)
+        top["image_path"] = [str(run.manifest.root / p) for p in top["image"]]  # as Explanations name them
+        rows = top["row"].tolist()
+        subset = run.manifest.subset(run.manifest.frame.index.isin(rows))
+
+        def compute(d, subset=subset, cls=cls):
+            explain(run.model, subset, list(run.spec.drill_methods), target=cls, progress=run.progress).save(d)
+
+        params = {"methods": list(run.spec.drill_methods), "rows": rows, "class": cls}
+        expl = run.stage(f"audit_drill_{_slug(concept)}_{_slug(cls)}", params, compute, lambda d: (Explanations.load(d), d))
+        out[f"audit_drill:{concept}:{cls}"] = (expl, top, layer)
+    return out
+
+
+def _galleries(page, expl, directory, prefix, text, caption):
+    """One gallery per explained image: the input and each method's overlay."""
     blocks = []
     for i, row in expl.rows.iterrows():
-        name = f"drill-{i:03d}-input.png"
+        name = f"{prefix}-{i:03d}-input.png"
         Image.fromarray(expl.images[i]).save(page.asset(name))
         items = [{"src": f"assets/{name}", "alt": f"input {row['image']}", "caption": "input"}]
         for m in expl.methods:
-            name = f"drill-{i:03d}-{m}.png"
+            name = f"{prefix}-{i:03d}-{m}.png"
             shutil.copyfile(directory / "overlays" / m / f"{i:05d}.png", page.asset(name))
             items.append({"src": f"assets/{name}", "alt": f"{m} overlay", "caption": m})
-        title = f"{_short(row['image'])}: label {row.get('label', '?')}, predicted {row['predicted_name']}"
-        blocks.append({"kind": "gallery", "title": title, "text": text if i == 0 else None, "items": items})
+        blocks.append({"kind": "gallery", "title": caption(i, row), "text": text if i == 0 else None, "items": items})
+    return blocks
+
+
+def section_drilldown(page, spec, results):
+    if "drilldown" not in results:
+        return page.section("drilldown", "Drill-down", skipped="the drilldown section was not requested")
+    blocks = []
+    for key in [k for k in results if k.startswith("audit_drill:")]:
+        _, concept, cls = key.split(":", 2)
+        (expl, directory), top, layer = results[key]
+        by_path = top.set_index("image_path")
+        extra = _binary_columns(expl.rows)  # e.g. has_tag: what the images really show
+        text = (f"Audit failed: class {cls} is sensitive to concept {concept}. These are the {len(top)} {cls} inputs "
+                f"whose {cls} logit rises most along the {concept} CAVs at {layer} (mean directional derivative over "
+                f"the runs), with attributions of class {cls} ({', '.join(expl.methods)}).")
+
+        def caption(i, row, by_path=by_path, extra=extra):
+            r = by_path.loc[row["image"]]
+            tail = "".join(f", {c} = {row[c]}" for c in extra)
+            return (f"{_short(row['image'])}: derivative {r['derivative']:.3g}, positive in {r['positive_runs']:.0%} of "
+                    f"runs{tail}")
+
+        blocks += _galleries(page, expl, directory, f"audit-{_slug(concept)}-{_slug(cls)}", text, caption)
+        page.table(top.drop(columns="image_path"), f"audit-drill-{_slug(concept)}-{_slug(cls)}")
+    expl, directory = results["drilldown"]
+    text = (f"Attribution maps of the predicted class for {len(expl.rows)} seeded test images "
+            f"({spec.drill_samples} per class), methods: {', '.join(expl.methods)}.")
+    blocks += _galleries(page, expl, directory, "drill", text,
+                         lambda i, row: f"{_short(row['image'])}: label {row.get('label', '?')}, predicted {row['predicted_name']}")
     blocks.append(_scale_block(page))
     page.table(expl.to_frame(), "drilldown")
     page.section("drilldown", "Drill-down", blocks)
@@ -448,6 +515,13 @@ def stage_spray(run, results):
     return out
 
 
+def _binary_columns(frame):
+    """Manifest attributes with values 0/1 (e.g. ``has_tag``): the ground truth a reader checks clusters and images against."""
+    skip = {"index", "manifest_row", "label", "split", "x", "y", "target", "predicted"}
+    return [c for c in frame.columns if c not in skip and frame[c].nunique() == 2
+            and set(map(str, frame[c].unique())) <= {"0", "1"}]
+
+
 def _slug(text):
     return "".join(c if c.isalnum() else "_" for c in str(text))[:40]
 
@@ -463,10 +537,8 @@ def spray_blocks(page, spec, results):
         clusters = res.clusters()
         frame = res.to_frame()
         # Attribute make-up of each cluster (e.g. the share of tagged images): what tells strategies apart.
-        for col in [c for c in frame.columns if c not in ("index", "label", "split", "cluster", "x", "y", "is_medoid")]:
-            values = frame[col]
-            if values.nunique() == 2 and set(map(str, values.unique())) <= {"0", "1"}:
-                clusters[f"{col} rate"] = frame.groupby("cluster")[col].apply(lambda v: np.mean(v.astype(int))).to_numpy()
+        for col in _binary_columns(frame.drop(columns=[c for c in ("cluster", "is_medoid") if c in frame])):
+            clusters[f"{col} rate"] = frame.groupby("cluster")[col].apply(lambda v: np.mean(v.astype(int))).to_numpy()
         items = []
         for k, proto in enumerate(res.prototypes):
             name = f"spray-{_slug(cls)}-{k}.png"
@@ -475,6 +547,15 @@ def spray_blocks(page, spec, results):
                           "caption": f"cluster {k}: {int(clusters['size'][k])} images"})
         text = (f"SpRAy on class {cls}: {res.n_clusters} clusters of explanation strategy (eigengap {res.eigengap:.3f}), "
                 f"method {spec.spray_method}.")
+        for concept, audited, _, _ in failed_audits(spec, results):
+            drill = results.get(f"audit_drill:{concept}:{cls}")
+            if audited != cls or drill is None or "manifest_row" not in frame:
+                continue
+            top = drill[1]
+            hits = frame.loc[frame["manifest_row"].isin(top["row"]), "cluster"].value_counts()
+            if len(hits):
+                text += (f" Audit {concept}:{cls} failed: {hits.iloc[0]} of the {len(top)} inputs it drills into (those the "
+                         f"{concept} CAVs push most) fall in cluster {hits.index[0]}, the strategy it points at.")
         blocks.append(table_block(page, clusters, f"spray-{_slug(cls)}", f"Explanation strategies of class {cls}", text))
         blocks.append({"kind": "gallery", "title": f"Cluster prototypes (mean relevance), class {cls}", "items": items})
         blocks.append(_scale_block(page))
@@ -516,7 +597,8 @@ def section_dataset(page, spec, results):
                  skipped=None if blocks else "no SpRAy classes (set [drilldown] spray_classes or [audits] insensitive)")
 
 
-STAGES = [stage_overview, stage_tcav, stage_dissection, stage_representation, stage_drilldown, stage_spray]
+STAGES = [stage_overview, stage_tcav, stage_dissection, stage_representation, stage_drilldown, stage_audit_drilldown,
+          stage_spray]
 
 SECTION_BUILDERS = {
     "overview": section_overview,

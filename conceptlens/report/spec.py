@@ -49,7 +49,8 @@ class ReportSpec:
         Concepts to test (default: all of ``concepts``); every test counts in the correction.
     tcav_classes, tcav_layers : tuple of str or None
         Classes and layers TCAV scores (default: all classes; the last two of ``layers``).
-    tcav_runs : int
+    tcav_runs : int or None
+        TCAV concept runs (default: chosen for power from the concept images, as `conceptlens tcav`).
     broden : Path or None
         Broden-style concept set for network dissection.
     dissect_layers : tuple of str or None
@@ -93,7 +94,7 @@ class ReportSpec:
     concept_names: tuple | None = None
     tcav_classes: tuple | None = None
     tcav_layers: tuple | None = None
-    tcav_runs: int = 10
+    tcav_runs: int | None = None
     broden: Path | None = None
     dissect_layers: tuple | None = None
     probe_targets: tuple | None = None
@@ -251,7 +252,7 @@ def validate_spec(spec):
         raise ConceptLensError(f"{source}: [embedding] method must be one of {', '.join(_EMBED_METHODS)}; got {spec.embed_method!r}")
     if not 0 < spec.duplicate_threshold <= 1:
         raise ConceptLensError(f"{source}: [dataset] duplicate_threshold must be in (0, 1]; got {spec.duplicate_threshold}")
-    if spec.tcav_runs < 2:
+    if spec.tcav_runs is not None and spec.tcav_runs < 2:
         raise ConceptLensError(f"{source}: [concepts] runs must be at least 2 (10 or more for a meaningful test); got {spec.tcav_runs}")
     if spec.audit_insensitive and (spec.concepts is None or spec.random_pool is None):
         raise ConceptLensError(f"{source}: [audits] insensitive needs [concepts] dir and random_pool")

@@ -11,13 +11,17 @@ reads beside the real one.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import ConceptLensError
 
-__all__ = ["PixelPool", "pixel_model", "pixel_layers", "PIXEL_GRIDS"]
+__all__ = ["PixelPool", "pixel_model", "pixel_layers", "extract_baselines", "PIXEL_GRIDS"]
+
+logger = logging.getLogger(__name__)
 
 PIXEL_GRIDS = (1, 2, 3, 4, 6, 8, 11, 16)
 
@@ -69,3 +73,43 @@ def pixel_model(model, grids=PIXEL_GRIDS):
 def pixel_layers(grids=PIXEL_GRIDS):
     """Layer names of :class:`PixelPool` for ``grids``."""
     return [f"pixels{int(k)}" for k in grids]
+
+
+def extract_baselines(model, manifest, layers, directory, seed=0, pool="mean", required=True, **extract_kw):
+    """Extract both probe baselines of ``layers`` into ``directory``: ``baseline-store`` (the same
+    layers of a random-init copy seeded with ``seed``) and ``pixel-store`` (:func:`pixel_model`).
+
+    Parameters
+    ----------
+    model : LoadedModel
+    manifest : Manifest or path
+    layers : list of str
+    directory : path
+    seed : int
+    pool : str
+        Pooling of the random-init copy's layers (the real store's); pixels are always mean-pooled grids.
+    required : bool
+        A model without initialisers has no random-init copy: raise (True) or log a warning and
+        return ``None`` for it (False), so that its probes and audits say they lack the baseline.
+    **extract_kw
+        Passed to :func:`~conceptlens.representation.extract.extract` (batch_size, preprocessing, ...).
+
+    Returns
+    -------
+    (ActivationStore or None, ActivationStore)
+    """
+    from ..models import random_init_copy
+    from .extract import extract
+
+    directory = Path(directory)
+    try:
+        copy = random_init_copy(model, seed=seed)
+    except ConceptLensError as exc:
+        if required:
+            raise
+        logger.warning("probes without a random-init baseline: %s", exc)
+        baseline = None
+    else:
+        baseline = extract(copy, manifest, layers, directory / "baseline-store", pool=pool, **extract_kw)
+    pixels = extract(pixel_model(model), manifest, pixel_layers(), directory / "pixel-store", pool="mean", **extract_kw)
+    return baseline, pixels

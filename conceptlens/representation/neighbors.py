@@ -462,6 +462,7 @@ def neighbors(
     seed=0,
     duplicate_ratio=0.3,
     duplicate_threshold=None,
+    duplicates=True,
 ):
     """k-NN of every row, label-issue candidates and near-duplicate candidates.
 
@@ -492,6 +493,9 @@ def neighbors(
         distance (default 0.3; see :func:`duplicate_candidates`).
     duplicate_threshold : float, optional
         Absolute cut instead: cosine similarity at or above this.
+    duplicates : bool
+        Look for near-duplicates (False: ``duplicates`` is empty, e.g. when another layer, one
+        that keeps the layout, is searched for them).
 
     Returns
     -------
@@ -543,6 +547,8 @@ def neighbors(
         })
 
     pairs, psims, pratio, median = duplicate_candidates(inds, sims, duplicate_ratio, duplicate_threshold)
+    if not duplicates:
+        pairs, psims, pratio = pairs[:0], psims[:0], pratio[:0]
     a, b = pairs[:, 0], pairs[:, 1]
     crosses = split[a] != split[b]
     swap = crosses & (split[b] == "train")  # the train side first
@@ -557,13 +563,14 @@ def neighbors(
     how = "exact blocked symmetric self-join" if index == "Flat" else f"FAISS {index}"
     dup_rule = (f"cosine >= {duplicate_threshold}" if duplicate_threshold is not None else
                 f"cosine distance <= {duplicate_ratio} x the median nearest-neighbour distance ({median:.4g})")
-    logger.info("neighbors of %s (%s): %d label-issue candidates (p_label <= %g), %d near-duplicate candidates (%s), "
-                "%d of them across splits", layer, how, len(issues), label_cut, len(dups), dup_rule, int(crosses.sum()))
+    found = ([f"{len(issues)} label-issue candidates (p_label <= {label_cut:g})"] if label_column is not None else []) + (
+        [f"{len(dups)} near-duplicate candidates ({dup_rule}), {int(crosses.sum())} of them across splits"] if duplicates else [])
+    logger.info("neighbors of %s (%s): %s", layer, how, "; ".join(found) or "k-NN only")
     params = {"k": k, "index": index, "knn": how, "nprobe": nprobe, "metric": "cosine (inner product on L2-normalised features)",
               "center": bool(center), "label_column": label_column, "label_cut": label_cut,
               "label_score": ("p_label: held-out rate at which rows with this neighbour-vote fraction carry the label "
                               f"(isotonic calibration of the vote fraction, cross-fitted over {n_folds} seeded folds)"),
               "n_folds": n_folds, "seed": seed, "duplicate_ratio": duplicate_ratio, "duplicate_threshold": duplicate_threshold,
-              "duplicate_rule": dup_rule, "median_nn_distance": median}
+              "duplicate_rule": dup_rule if duplicates else "not searched", "median_nn_distance": median}
     return NeighborResult(indices=inds, similarities=sims, rows=rows, label_issues=issues, duplicates=dups,
                           label_probability=p_label, layer=layer, index=index, params=params, provenance=store_provenance(store))
