@@ -242,3 +242,16 @@ def test_audit_verdicts_follow_significance_equivalence_and_the_gate():
     assert "concept runs" in verdicts.loc["d", "fix"] and "add concept images" in verdicts.loc["c", "fix"]
     # Auditing fewer pairs is a smaller family: a alone gets 2 x 0.001.
     assert res.audit(["a:k"]).iloc[0].min_p_adjusted == pytest.approx(0.002)
+
+
+def test_top_inputs_rank_by_the_concepts_mean_derivative(tag_result):
+    top = tag_result.top_inputs("tag", "circle", "conv4", k=5)
+    cols = tag_result.cavs[(tag_result.cavs.layer == "conv4") & (tag_result.cavs.concept == "tag")].cav.to_numpy()
+    s = tag_result.derivatives[("conv4", "circle")][:, cols]
+    order = np.argsort(-s.mean(axis=1), kind="stable")[:5]
+    inputs = tag_result.inputs[tag_result.inputs["class"] == "circle"].sort_values("position")
+    np.testing.assert_array_equal(top.position, inputs.position.to_numpy()[order])
+    np.testing.assert_allclose(top.derivative, s.mean(axis=1)[order], rtol=1e-6)
+    np.testing.assert_allclose(top.positive_runs, (s > 0).mean(axis=1)[order])
+    with pytest.raises(ConceptLensError, match="no derivatives for layer 'conv9'"):
+        tag_result.top_inputs("tag", "circle", "conv9")

@@ -656,25 +656,43 @@ class TCAV:
             pool = [p for p in pool if p not in taken]
         manifest, class_inputs = _class_inputs(model, data, classes, split, max_inputs, rng)
         prep = model.preprocessing_for(manifest, self.preprocessing)
-        # Check the plan on the files before reading any; then read every concept image and as much of
-        # the pool as the plan can use, and draw the sets from the images that could be read.
-        _plan(self.design, {k: len(v) for k, v in sets.items()}, len(pool), self.runs, self.null_runs, self.concept_size,
-              np.random.default_rng(0))
-        runs, m = plan_sizes(self.design, min(len(v) for v in sets.values()), self.runs, self.concept_size)
-        usable = m + runs * m + 2 * m * self.null_runs
-        if len(pool) > usable:
-            logger.info("reading %d of the random pool's %d images (seeded): the plan uses at most that many", usable, len(pool))
-            pool = [pool[i] for i in np.sort(rng.choice(len(pool), size=usable, replace=False))]
         names = list(sets)
+        sizes = {c: len(sets[c]) for c in names}
+        if self.skip_bad:
+            # Which images can be read is known only after reading them: check the plan on the files,
+            # read every concept image and as much of the pool as a plan can use, then draw the plan
+            # from the images that could be read.
+            _plan(self.design, sizes, len(pool), self.runs, self.null_runs, self.concept_size, np.random.default_rng(0))
+            runs, m = plan_sizes(self.design, min(sizes.values()), self.runs, self.concept_size)
+            usable = m + runs * m + 2 * m * self.null_runs
+            if len(pool) > usable:
+                logger.info("reading %d of the random pool's %d images (seeded): a plan uses at most that many", usable, len(pool))
+                pool = [pool[i] for i in np.sort(rng.choice(len(pool), size=usable, replace=False))]
+        else:
+            plan = _plan(self.design, sizes, len(pool), self.runs, self.null_runs, self.concept_size, rng)
         sources = [f"concept {c}" for c in names for _ in sets[c]] + ["random pool"] * len(pool)
         paths = [p for c in names for p in sets[c]] + list(pool)
-        acts, kept, skipped = self._activations(model, paths, sources, layers, prep)
-        kept_source = np.asarray(sources)[kept]
-        row_of = {c: np.flatnonzero(kept_source == f"concept {c}") for c in names}
-        row_of[NULL] = np.flatnonzero(kept_source == "random pool")
-        runs, m, parts, counters, null_pos, null_neg = _plan(
-            self.design, {c: len(row_of[c]) for c in names}, len(row_of[NULL]), self.runs, self.null_runs,
-            self.concept_size, rng)
+        start = dict(zip(names + [NULL], np.cumsum([0] + [sizes[c] for c in names])))
+        if self.skip_bad:
+            read = np.arange(len(paths))
+        else:  # only the images the plan uses
+            _, _, parts, counters, null_pos, null_neg = plan
+            read = np.unique(np.concatenate([start[c] + parts[c].ravel() for c in names]
+                                            + [start[NULL] + q.ravel() for q in (counters, null_pos, null_neg)]))
+        acts, kept, skipped = self._activations(model, [paths[i] for i in read], [sources[i] for i in read], layers, prep)
+        kept = read[kept]  # indices into paths, in the order of the activation rows
+        if self.skip_bad:
+            kept_source = np.asarray(sources)[kept]
+            row_of = {c: np.flatnonzero(kept_source == f"concept {c}") for c in names}
+            row_of[NULL] = np.flatnonzero(kept_source == "random pool")
+            plan = _plan(self.design, {c: len(row_of[c]) for c in names}, len(row_of[NULL]), self.runs, self.null_runs,
+                         self.concept_size, rng)
+        else:
+            position = np.full(len(paths), -1)
+            position[kept] = np.arange(len(kept))
+            row_of = {c: position[start[c] + np.arange(sizes[c])] for c in names}
+            row_of[NULL] = position[start[NULL] + np.arange(len(pool))]
+        runs, m, parts, counters, null_pos, null_neg = plan
 
         derivative_state = {}
 
@@ -696,9 +714,9 @@ class TCAV:
             "classes": {name: int(idx) for name, idx, _, _ in class_inputs},
             "data": {"manifest": str(manifest.path), "manifest_hash": manifest.content_hash(), "split": split,
                      "max_inputs": max_inputs, "n_inputs": {k: int(v) for k, v in inputs.groupby("class").size().items()}},
-            "concepts": {c: {"n_images": len(sets[c]), "n_read": int(len(row_of[c])), "hash": _set_hash(sets[c])} for c in names},
+            "concepts": {c: {"n_images": len(sets[c]), "n_read": int((row_of[c] >= 0).sum()), "hash": _set_hash(sets[c])} for c in names},
             "random_pool": {"source": str(random_pool) if isinstance(random_pool, (str, os.PathLike)) else "paths",
-                            "n_images": len(pool), "n_read": int(len(row_of[NULL])), "hash": _set_hash(pool)},
+                            "n_images": len(pool), "n_read": int((row_of[NULL] >= 0).sum()), "hash": _set_hash(pool)},
             "preprocessing": prep.to_dict(),
         }
         return TCAVResult(table=table, runs=runs_frame, derivatives=derivs, cavs=cav_frame,

@@ -440,10 +440,11 @@ def stage_audit_drilldown(run, results):
     return out
 
 
-def _galleries(page, expl, directory, prefix, text, caption):
-    """One gallery per explained image: the input and each method's overlay."""
+def _galleries(page, expl, directory, prefix, text, caption, order=None):
+    """One gallery per explained image (in ``order``, positions in ``expl.rows``): the input and each method's overlay."""
     blocks = []
-    for i, row in expl.rows.iterrows():
+    for n, i in enumerate(range(len(expl.rows)) if order is None else order):
+        row = expl.rows.iloc[i]
         name = f"{prefix}-{i:03d}-input.png"
         Image.fromarray(expl.images[i]).save(page.asset(name))
         items = [{"src": f"assets/{name}", "alt": f"input {row['image']}", "caption": "input"}]
@@ -451,7 +452,7 @@ def _galleries(page, expl, directory, prefix, text, caption):
             name = f"{prefix}-{i:03d}-{m}.png"
             shutil.copyfile(directory / "overlays" / m / f"{i:05d}.png", page.asset(name))
             items.append({"src": f"assets/{name}", "alt": f"{m} overlay", "caption": m})
-        blocks.append({"kind": "gallery", "title": caption(i, row), "text": text if i == 0 else None, "items": items})
+        blocks.append({"kind": "gallery", "title": caption(i, row), "text": text if n == 0 else None, "items": items})
     return blocks
 
 
@@ -463,7 +464,7 @@ def section_drilldown(page, spec, results):
         _, concept, cls = key.split(":", 2)
         (expl, directory), top, layer = results[key]
         by_path = top.set_index("image_path")
-        extra = _binary_columns(expl.rows)  # e.g. has_tag: what the images really show
+        extra = _binary_columns(expl.rows, both_values=False)  # e.g. has_tag: what the images really show
         text = (f"Audit failed: class {cls} is sensitive to concept {concept}. These are the {len(top)} {cls} inputs "
                 f"whose {cls} logit rises most along the {concept} CAVs at {layer} (mean directional derivative over "
                 f"the runs), with attributions of class {cls} ({', '.join(expl.methods)}).")
@@ -474,7 +475,9 @@ def section_drilldown(page, spec, results):
             return (f"{_short(row['image'])}: derivative {r['derivative']:.3g}, positive in {r['positive_runs']:.0%} of "
                     f"runs{tail}")
 
-        blocks += _galleries(page, expl, directory, f"audit-{_slug(concept)}-{_slug(cls)}", text, caption)
+        position = {path: i for i, path in enumerate(expl.rows["image"])}
+        order = [position[p] for p in top["image_path"] if p in position]  # largest derivative first
+        blocks += _galleries(page, expl, directory, f"audit-{_slug(concept)}-{_slug(cls)}", text, caption, order)
         page.table(top.drop(columns="image_path"), f"audit-drill-{_slug(concept)}-{_slug(cls)}")
     expl, directory = results["drilldown"]
     text = (f"Attribution maps of the predicted class for {len(expl.rows)} seeded test images "
@@ -515,10 +518,11 @@ def stage_spray(run, results):
     return out
 
 
-def _binary_columns(frame):
-    """Manifest attributes with values 0/1 (e.g. ``has_tag``): the ground truth a reader checks clusters and images against."""
+def _binary_columns(frame, both_values=True):
+    """Manifest attributes with values 0/1 (e.g. ``has_tag``): the ground truth a reader checks clusters
+    and images against (``both_values``: only those where both occur, for rates that can differ)."""
     skip = {"index", "manifest_row", "label", "split", "x", "y", "target", "predicted"}
-    return [c for c in frame.columns if c not in skip and frame[c].nunique() == 2
+    return [c for c in frame.columns if c not in skip and (not both_values or frame[c].nunique() == 2)
             and set(map(str, frame[c].unique())) <= {"0", "1"}]
 
 
