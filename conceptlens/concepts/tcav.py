@@ -681,17 +681,14 @@ class TCAV:
                                             + [start[NULL] + q.ravel() for q in (counters, null_pos, null_neg)]))
         acts, kept, skipped = self._activations(model, [paths[i] for i in read], [sources[i] for i in read], layers, prep)
         kept = read[kept]  # indices into paths, in the order of the activation rows
-        if self.skip_bad:
-            kept_source = np.asarray(sources)[kept]
-            row_of = {c: np.flatnonzero(kept_source == f"concept {c}") for c in names}
-            row_of[NULL] = np.flatnonzero(kept_source == "random pool")
+        position = np.full(len(paths), -1)  # activation row of each path, -1 where not read
+        position[kept] = np.arange(len(kept))
+        row_of = {c: position[start[c] + np.arange(sizes[c])] for c in names}
+        row_of[NULL] = position[start[NULL] + np.arange(len(pool))]
+        if self.skip_bad:  # the plan indexes the images that could be read
+            row_of = {c: rows[rows >= 0] for c, rows in row_of.items()}
             plan = _plan(self.design, {c: len(row_of[c]) for c in names}, len(row_of[NULL]), self.runs, self.null_runs,
                          self.concept_size, rng)
-        else:
-            position = np.full(len(paths), -1)
-            position[kept] = np.arange(len(kept))
-            row_of = {c: position[start[c] + np.arange(sizes[c])] for c in names}
-            row_of[NULL] = position[start[NULL] + np.arange(len(pool))]
         runs, m, parts, counters, null_pos, null_neg = plan
 
         derivative_state = {}
