@@ -42,7 +42,7 @@ from conceptlens.dissection import dissect, read_broden  # noqa: E402
 from conceptlens.dissection.broden import decode_mask  # noqa: E402
 from conceptlens.dissection.iou import IoUTally, label_batch, label_columns  # noqa: E402
 from conceptlens.models import load_model  # noqa: E402
-from conceptlens.representation.store import ActivationStore  # noqa: E402
+from conceptlens.core.store import ActivationStore  # noqa: E402
 from conceptlens.world import generate_world  # noqa: E402
 
 LAYER, SIZE, BATCH = "layer4", 224, 32

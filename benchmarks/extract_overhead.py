@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from conceptlens.models import load_model
-from conceptlens.representation.extract import write_batches
-from conceptlens.representation.store import StoreWriter
+from conceptlens.core.extract import write_batches
+from conceptlens.core.store import StoreWriter
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 SIZE, BATCH = 128, 64

@@ -63,11 +63,11 @@ from conceptlens.data import Manifest, Preprocessing, make_loader
 from conceptlens.demo_model import train_demo
 from conceptlens.models import load_model, random_init_copy
 from conceptlens.representation.embed import _trust, _tsne
-from conceptlens.representation.extract import extract, write_batches
+from conceptlens.core.extract import extract, write_batches
 from conceptlens.representation.neighbors import knn
 from conceptlens.representation.neighbors import neighbors
 from conceptlens.representation.probes import _fit_scaled, _standardize, probe
-from conceptlens.representation.store import StoreWriter
+from conceptlens.core.store import StoreWriter
 from conceptlens.representation.topk import TopK
 from conceptlens.world import generate_world
 

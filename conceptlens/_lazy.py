@@ -5,7 +5,7 @@ defines it; the submodule is imported on first access of one of its names::
 
     __getattr__, __dir__ = lazy_exports(__name__, {"extract": ["extract", ...], "embed": ["embed", ...]})
 
-A public name that is also a submodule's name (``representation.extract``, ``dissection.dissect``)
+A public name that is also a submodule's name (``core.extract``, ``dissection.dissect``)
 keeps meaning the function, as with eager ``from .extract import extract``: the import system binds
 a loaded submodule onto its package, and the package's module class binds the name instead.
 """

@@ -97,7 +97,7 @@ def _cmd_layers(args):
 def _cmd_extract(args):
     from .data import Manifest
     from .models import load_model
-    from .representation.extract import extract
+    from .core.extract import extract
 
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     manifest = Manifest.read(args.data)
@@ -169,7 +169,7 @@ def _store_from_args(args, columns=None, layer=None):
     ``columns`` (``(flag, manifest column)`` pairs) and ``layer`` (``--layer``) are what the analysis will
     read; with ``--model/--data`` they are checked before the extraction, not after it.
     """
-    from .representation.store import ActivationStore
+    from .core.store import ActivationStore
 
     if args.store is not None:
         if args.model or args.data:
@@ -180,7 +180,7 @@ def _store_from_args(args, columns=None, layer=None):
     from .data import Manifest
     from .models import load_model
     from .representation._common import check_column
-    from .representation.extract import extract
+    from .core.extract import extract
 
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     manifest = Manifest.read(args.data)
@@ -197,7 +197,7 @@ def _store_from_args(args, columns=None, layer=None):
 def _probe_baselines(args, store):
     """``--baseline-store``/``--pixels-store``, or (with ``--model/--data``) the random-init copy and the
     pooled pixels extracted into ``<out>/baseline-store`` and ``<out>/pixel-store``."""
-    from .representation.store import ActivationStore
+    from .core.store import ActivationStore
 
     if args.store is not None:
         return (ActivationStore.open(args.baseline_store) if args.baseline_store else None,

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from conceptlens.data import Manifest
-from conceptlens.representation.extract import extract
-from conceptlens.representation.store import StoreWriter
+from conceptlens.core.extract import extract
+from conceptlens.core.store import StoreWriter
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "test-fixtures" / "representation"
 

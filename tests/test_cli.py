@@ -66,7 +66,7 @@ def test_layers_and_extract_commands(tmp_path, image_manifest):
                    "--layers", "layer3,layer4", "--resize", "32", "--crop", "32", "--pool", "max", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr
     assert "20 rows, pool max" in proc.stdout
-    from conceptlens.representation.store import ActivationStore
+    from conceptlens.core.store import ActivationStore
 
     store = ActivationStore.open(tmp_path / "s")
     assert store.load("layer4").shape == (20, 512) and np.isfinite(store.load("layer3")).all()

@@ -15,7 +15,7 @@ from conceptlens.dissection import DissectionResult, dissect, read_broden
 from conceptlens.dissection.broden import decode_mask, encode_mask
 from conceptlens.errors import ConceptLensError
 from conceptlens.models import random_init_copy
-from conceptlens.representation.store import ActivationStore
+from conceptlens.core.store import ActivationStore
 from dissection_reference import reference_iou, reference_quantiles, tiny_broden
 
 PLANTED = f"python:{Path(__file__).with_name('dissection_models.py')}:planted"

@@ -8,8 +8,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from conceptlens.data import Manifest, Preprocessing, load_images
 from conceptlens.errors import ConceptLensError
-from conceptlens.representation.extract import extract, iter_activations, iter_gradients, predict, predict_tensor
-from conceptlens.representation.store import ActivationStore
+from conceptlens.core.extract import extract, iter_activations, iter_gradients, predict, predict_tensor
+from conceptlens.core.store import ActivationStore
 
 PREP = Preprocessing(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 LAYERS = ["layer2", "layer3.1.bn2", "layer4"]

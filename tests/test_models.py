@@ -85,7 +85,7 @@ def test_torchscript_is_refused_with_explanation(tmp_path):
 
 
 def test_export_program_layers_are_hookable(tmp_path):
-    from conceptlens.representation.extract import iter_activations
+    from conceptlens.core.extract import iter_activations
 
     torch.manual_seed(0)
     net = TinyNet().eval()

@@ -15,7 +15,7 @@ from conceptlens.cli import main
 from conceptlens.data import Manifest, Preprocessing, load_images
 from conceptlens.errors import ConceptLensError
 from conceptlens.models import list_layers, load_model
-from conceptlens.representation.extract import extract, predict_tensor
+from conceptlens.core.extract import extract, predict_tensor
 
 SIZE = 48
 CODE = textwrap.dedent(

@@ -8,7 +8,7 @@ import pytest
 
 from conceptlens.data import Manifest
 from conceptlens.errors import ConceptLensError
-from conceptlens.representation.extract import extract
+from conceptlens.core.extract import extract
 from conceptlens.representation.neighbors import (NeighborResult, duplicate_candidates, knn, label_probability, label_votes,
                                                   neighbors, self_knn)
 from representation_helpers import synthetic_store, world_with_duplicates

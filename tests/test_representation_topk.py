@@ -7,7 +7,7 @@ import torch
 
 from conceptlens.data import Manifest
 from conceptlens.errors import ConceptLensError
-from conceptlens.representation.extract import extract
+from conceptlens.core.extract import extract
 from conceptlens.representation.topk import TopK, TopKResult, topk, topk_from_store
 
 LAYERS = ["relu2", "conv4", "fc"]  # post-ReLU maps, signed maps, and vector outputs

@@ -12,7 +12,7 @@ from conceptlens.cli import main
 from conceptlens.data import Manifest, Preprocessing, make_loader
 from conceptlens.errors import ConceptLensError
 from conceptlens.models import load_model
-from conceptlens.representation.extract import extract
+from conceptlens.core.extract import extract
 
 from tiny_demo import build_tiny_demo
 

@@ -36,7 +36,8 @@ def test_help_runs_without_heavy_libraries():
     "import conceptlens.concepts",
     "from conceptlens.concepts import TCAV, fit_cavs",
     "from conceptlens.dissection import dissect, read_broden",
-    "from conceptlens.representation import extract, ActivationStore, topk",
+    "from conceptlens.core import extract, ActivationStore, TopK",
+    "from conceptlens.representation import topk",
 ])
 def test_analyzers_do_not_load_other_analyzers_libraries(code):
     assert not _loaded_after(code) & {"umap", "faiss", "sklearn.manifold", "openTSNE", "captum", "zennit", "matplotlib"}
@@ -44,10 +45,10 @@ def test_analyzers_do_not_load_other_analyzers_libraries(code):
 
 def test_lazy_names_keep_meaning_functions_over_same_named_submodules():
     import conceptlens.dissection.dissect  # noqa: F401 - binds the submodule onto the package
-    import conceptlens.representation.extract  # noqa: F401
-    from conceptlens import dissection, representation
+    import conceptlens.core.extract  # noqa: F401
+    from conceptlens import core, dissection, representation
 
-    assert callable(representation.extract) and representation.extract.__name__ == "extract"
+    assert callable(core.extract) and core.extract.__name__ == "extract"
     assert callable(dissection.dissect)
     assert "probe" in dir(representation) and "embed" in dir(representation)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):

@@ -9,7 +9,7 @@ import torch
 from conceptlens.concepts import TCAV, TCAVResult, load_image_pool
 from conceptlens.data import Manifest, make_loader
 from conceptlens.errors import ConceptLensError
-from conceptlens.representation.extract import iter_activations, iter_gradients
+from conceptlens.core.extract import iter_activations, iter_gradients
 
 ALPHA = 0.05
 

@@ -159,7 +159,7 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     Explanations
     """
     from ..data import Manifest, read_images
-    from ..representation.extract import predict_tensor
+    from ..core.extract import predict_tensor
 
     if isinstance(methods, str):
         methods = [s.strip() for s in methods.split(",") if s.strip()]

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import scipy.stats
 
+from ..core.corrections import CORRECTIONS, adjust_pvalues, benjamini_hochberg, holm
 from ..errors import ConceptLensError
 
 __all__ = ["two_sample_pvalues", "equivalence_test", "format_p", "holm", "benjamini_hochberg", "adjust_pvalues", "bootstrap_ci",
@@ -20,7 +21,6 @@ __all__ = ["two_sample_pvalues", "equivalence_test", "format_p", "holm", "benjam
 logger = logging.getLogger(__name__)
 
 TESTS = ("mannwhitney", "welch", "permutation")
-CORRECTIONS = ("holm", "bh", "none")
 
 
 def two_sample_pvalues(a, b, test="mannwhitney", n_permutations=9999, seed=0):
@@ -77,50 +77,6 @@ def two_sample_pvalues(a, b, test="mannwhitney", n_permutations=9999, seed=0):
 def format_p(p):
     """A p-value as every table, verdict and report prints it: 3 significant digits, or ``1.2e-05``."""
     return "nan" if not np.isfinite(p) else (f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}")
-
-
-def holm(p):
-    """Holm–Bonferroni step-down adjusted p-values (controls the family-wise error rate).
-
-    ``p_adj[(i)] = max_{j <= i} min(1, (m - j + 1) p_(j))`` over the sorted p-values ``p_(1) <= ...``.
-    NaN entries are left out of the family and stay NaN.
-    """
-    p = np.asarray(p, float)
-    out = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    q = p[ok]
-    m = q.size
-    if m:
-        order = np.argsort(q, kind="stable")
-        stepped = np.minimum(1.0, (m - np.arange(m)) * q[order])
-        adj = np.empty(m)
-        adj[order] = np.maximum.accumulate(stepped)
-        out[ok] = adj
-    return out
-
-
-def benjamini_hochberg(p):
-    """Benjamini–Hochberg adjusted p-values (false discovery rate), via ``scipy.stats.false_discovery_control``.
-
-    NaN entries are left out of the family and stay NaN.
-    """
-    p = np.asarray(p, float)
-    out = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    if ok.any():
-        out[ok] = scipy.stats.false_discovery_control(p[ok], method="bh")
-    return out
-
-
-def adjust_pvalues(p, correction="holm"):
-    """Adjust a whole experiment's p-values: ``holm`` (default), ``bh`` or ``none``."""
-    if correction == "holm":
-        return holm(p)
-    if correction == "bh":
-        return benjamini_hochberg(p)
-    if correction == "none":
-        return np.asarray(p, float).copy()
-    raise ConceptLensError(f"correction must be one of {', '.join(CORRECTIONS)}; got {correction!r}")
 
 
 def bootstrap_ci(samples, confidence=0.95, n_resamples=2000, seed=0):

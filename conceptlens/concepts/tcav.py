@@ -5,9 +5,9 @@
 1. plans the runs (seeded): how many runs and examples per CAV the concept images allow (below),
    concept examples, random counter-example sets of the same size, and many more random-vs-random
    null runs than concept runs;
-2. captures the layers' activations of every image once (:func:`~conceptlens.representation.extract.iter_activations`);
+2. captures the layers' activations of every image once (:func:`~conceptlens.core.extract.iter_activations`);
 3. fits all CAVs of a layer (concept-vs-random runs and random-vs-random null runs);
-4. streams the class inputs once per class through :func:`~conceptlens.representation.extract.iter_gradients`
+4. streams the class inputs once per class through :func:`~conceptlens.core.extract.iter_gradients`
    (one forward and one backward per batch for all layers) and takes one matmul of each batch's
    gradients with all CAVs of the layer: ``S = d logit_k / d f_l(x) · v`` (the explicit class
    logit, no loss and no sign flips);
@@ -71,7 +71,7 @@ from .. import __version__
 from ..data import Manifest, make_loader
 from ..errors import ConceptLensError, did_you_mean
 from ..models import load_model, validate_layers
-from ..representation.extract import iter_activations, iter_gradients
+from ..core.extract import iter_activations, iter_gradients
 from . import stats
 from .cav import CAV_METHODS, fit_cavs
 

@@ -480,7 +480,7 @@ class BrodenSet:
                         dtype=bool).reshape(len(self), len(self.categories))
 
     def manifest(self):
-        """A :class:`~conceptlens.data.Manifest` of the images, for :func:`~conceptlens.representation.extract`.
+        """A :class:`~conceptlens.data.Manifest` of the images, for :func:`~conceptlens.core.extract`.
 
         Its ``path`` is ``index.csv`` and its ``image`` column is prefixed with ``images/``, so
         image paths resolve relative to the set's root; messages name an image by its file.

@@ -3,7 +3,7 @@
 Stages (each resumable; a finished stage whose inputs are unchanged is reused):
 
 1. **extract** — one forward pass per image: the requested layers' spatial maps go to an
-   :class:`~conceptlens.representation.store.ActivationStore` (``<out>/activations``, float16
+   :class:`~conceptlens.core.store.ActivationStore` (``<out>/activations``, float16
    by default). Images are resized whole (never cropped), so maps stay aligned with the masks.
 2. **thresholds** — per unit, the ``quantile`` of its activations over all positions of all
    images (:mod:`~conceptlens.dissection.quantiles`; exact or sketched), or given ones.
@@ -39,7 +39,7 @@ from .. import __version__
 from ..data import Preprocessing
 from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
-from ..representation.extract import extract
+from ..core.extract import extract
 from .broden import BrodenSet, read_broden
 from .iou import RULES, IoUTally, label_batch, label_columns
 from .quantiles import DEFAULT_BUDGET, Thresholds, load_thresholds, unit_quantiles

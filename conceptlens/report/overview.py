@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from ..representation.extract import predict
+from ..core.extract import predict
 
 __all__ = ["Overview", "compute_overview"]
 

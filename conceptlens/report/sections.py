@@ -239,7 +239,7 @@ def stage_representation(run, results):
     spec = run.spec
     if not (_wants(spec, "layers", "dataset") or spec.audit_not_decodable):
         return {}
-    from ..representation import ActivationStore, extract
+    from ..core import ActivationStore, extract
     from ..representation.embed import Embedding, embed
     from ..representation.neighbors import NeighborResult, neighbors
     from ..representation.probes import ProbeResult, probe

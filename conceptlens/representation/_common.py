@@ -1,6 +1,6 @@
 """Small utilities shared by the representation analyzers (probes, embed, neighbors, topk).
 
-Reading features and provenance from an :class:`~conceptlens.representation.store.ActivationStore`,
+Reading features and provenance from an :class:`~conceptlens.core.store.ActivationStore`,
 validating layer and column names, and writing results as CSV + JSON.
 """
 
@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import __version__
 from ..errors import ConceptLensError, did_you_mean
-from .store import ActivationStore
+from ..core.store import ActivationStore
 
 logger = logging.getLogger(__name__)
 

@@ -92,14 +92,14 @@ def extract_baselines(model, manifest, layers, directory, seed=0, pool="mean", r
         A model without initialisers has no random-init copy: raise (True) or log a warning and
         return ``None`` for it (False), so that its probes and audits say they lack the baseline.
     **extract_kw
-        Passed to :func:`~conceptlens.representation.extract.extract` (batch_size, preprocessing, ...).
+        Passed to :func:`~conceptlens.core.extract.extract` (batch_size, preprocessing, ...).
 
     Returns
     -------
     (ActivationStore or None, ActivationStore)
     """
     from ..models import random_init_copy
-    from .extract import extract
+    from ..core.extract import extract
 
     directory = Path(directory)
     try:

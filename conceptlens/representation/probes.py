@@ -42,6 +42,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from ..core.corrections import holm
 from ..errors import ConceptLensError, did_you_mean
 from ._common import TEXT_COLUMNS, check_column, check_layers, layer_features, open_store, read_json, store_provenance, write_result
 
@@ -169,17 +170,6 @@ class ProbeResult:
         return cls(table=table, params=meta["params"], provenance=meta["provenance"])
 
 
-def _holm(p):
-    """Holm step-down adjusted p-values."""
-    p = np.asarray(p, dtype=float)
-    order = np.argsort(p)
-    m = len(p)
-    adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
-    out = np.empty(m)
-    out[order] = adj
-    return out
-
-
 def _audit_one(target, sub, margin, alpha, conf):
     base = {"target": target, "layers": ",".join(sub["layer"]), "margin": margin, "alpha": alpha}
     nan = {"decodable_layers": "", "layer": "", "selectivity": np.nan, "selectivity_ci_low": np.nan,
@@ -192,7 +182,7 @@ def _audit_one(target, sub, margin, alpha, conf):
     if sub["selectivity_ci_low"].isna().any():
         return {**base, **nan, "verdict": "inconclusive",
                 "evidence": "no bootstrap CI (n_bootstrap=0); rerun with n_bootstrap >= 1000"}
-    sub = sub.assign(p_adjusted=_holm(sub["selectivity_p"].to_numpy()))
+    sub = sub.assign(p_adjusted=holm(sub["selectivity_p"].to_numpy()))
     sig = sub[sub["p_adjusted"] < alpha]
     m = f"margin ±{margin:.3g} accuracy"
     if len(sig):

@@ -1,10 +1,8 @@
-"""Max-activation ranking: the top-k images of every channel, streamed during extraction.
+"""Max-activating images: the top-k images of every channel, streamed during extraction.
 
-:class:`TopK` is an observer for :func:`~conceptlens.representation.extract.extract`: it sees each
-batch's unpooled layer outputs, scores every (image, channel) - the spatial **max** of the map, or
-the spatial **mean of its ReLU** - and keeps, per channel, the k best images with the location of
-the maximum, so no second forward pass is needed. Accumulators are mergeable (shards of a dataset
-processed apart give the same result as one pass). Ties rank the lower manifest row first.
+The ranking is the core's :class:`~conceptlens.core.topk.TopK` accumulator, run as an observer of
+:func:`~conceptlens.core.extract.extract` (no second forward pass) or over a stored layer;
+:class:`TopKResult` names the images, crops them around the maximum and saves the table.
 """
 
 from __future__ import annotations
@@ -22,123 +20,15 @@ from tqdm.auto import tqdm
 from ..data import Manifest, make_loader
 from ..errors import ConceptLensError
 from ..models import load_model
+from ..core.extract import extract, iter_activations
+from ..core.topk import TopK
 from ._common import check_layers, open_store, read_csv, read_json, store_provenance, write_result
-from .extract import extract, iter_activations
 
 __all__ = ["TopK", "TopKResult", "topk", "topk_from_store"]
 
 logger = logging.getLogger(__name__)
 
-SCORES = ("max", "mean")
 COLUMNS = ["layer", "channel", "rank", "manifest_row", "image", "label", "score", "y", "x", "height", "width"]
-
-
-def _score_maps(out, score):
-    """``[B, C]`` scores, the ``[B, C, H*W]`` maps (None for vector outputs) and the map size."""
-    out = out.float()
-    if out.dim() == 2:
-        return (out if score == "max" else out.clamp_min(0)), None, (1, 1)
-    if out.dim() != 4:
-        raise ConceptLensError(f"top-k needs [B, C] or [B, C, H, W] outputs; got shape {tuple(out.shape)}")
-    flat = out.flatten(2)
-    s = flat.amax(dim=2) if score == "max" else flat.clamp_min(0).mean(dim=2)
-    return s, flat, tuple(out.shape[2:])
-
-
-def _top_indices(scores, rows, k):
-    """Per column, the indices of the k best entries: descending score, ties by ascending row.
-
-    One ``topk`` over an exact int64 key (order-preserving integer image of the float32 score in
-    the high half, ``2**31 - 1 - row`` in the low half) instead of two stable sorts.
-    """
-    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # negative floats: flip magnitude bits
-    key = ordered * (1 << 32) + ((1 << 31) - 1 - rows.long())
-    return key.topk(min(k, len(key)), dim=0).indices
-
-
-class TopK:
-    """Streaming top-k images per channel; use as ``extract(..., observers=[TopK(...)])``.
-
-    Parameters
-    ----------
-    k : int
-        Images kept per channel.
-    score : {"max", "mean"}
-        ``max``: spatial maximum of the map; ``mean``: spatial mean of ``relu(map)``.
-    layers : sequence of str, optional
-        Layers to rank (default: every layer the observer is given).
-    """
-
-    def __init__(self, k=16, score="max", layers=None):
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConceptLensError(f"the k parameter of TopK must be a positive integer; got {k!r}")
-        if score not in SCORES:
-            raise ConceptLensError(f"the score parameter of TopK must be 'max' or 'mean'; got {score!r}")
-        self.k, self.score = int(k), score
-        self.layers = None if layers is None else list(layers)
-        self.state = {}  # layer -> (scores [k', C], rows [k', C], locs [k', C])
-        self.shapes = {}  # layer -> (H, W)
-        self.n_seen = 0
-
-    def reduce(self, layer, out):
-        """What one batch's output of ``layer`` contributes: ``(scores, locations, map size)``.
-
-        Called by :func:`~conceptlens.representation.extract.extract` inside the forward hook, so
-        the maps need no copy. Locations (argmax) are computed only where the score can still
-        enter the top-k (at or above the channel's current k-th best); the rest are -1.
-        """
-        if self.layers is not None and layer not in self.layers:
-            return None
-        s, maps, hw = _score_maps(out.detach(), self.score)
-        loc = torch.full_like(s, -1, dtype=torch.long)
-        if maps is not None:
-            old = self.state.get(layer)
-            live = s >= old[0][-1] if old is not None and len(old[0]) == self.k else torch.ones_like(s, dtype=torch.bool)
-            loc[live] = maps[live].argmax(dim=1)
-        return s, loc, hw
-
-    def __call__(self, rows, raw):
-        """Update with one batch: ``rows`` (manifest row indices) and ``raw``, ``{layer: Tensor}``
-        unpooled outputs or ``{layer: reduce(layer, output)}``."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        for layer, out in raw.items():
-            reduced = self.reduce(layer, out) if torch.is_tensor(out) else out
-            if reduced is None:
-                continue
-            s, loc, hw = reduced
-            self._push(layer, s, rows.to(s.device)[:, None].expand_as(s), hw, loc=loc)
-        self.n_seen += len(rows)
-
-    def _push(self, layer, s, r, hw, loc):
-        """Fold scores ``s``, rows ``r`` and locations ``loc`` (``[n, C]``) into the state."""
-        if layer in self.shapes and self.shapes[layer] != tuple(hw):
-            raise ConceptLensError(f"layer {layer!r} changed its map size from {self.shapes[layer]} to {tuple(hw)} between batches")
-        self.shapes[layer] = tuple(hw)
-        if layer in self.state:
-            s, r, loc = (torch.cat([a.to(b.device), b]) for a, b in zip(self.state[layer], (s, r, loc)))
-        idx = _top_indices(s, r, self.k)
-        self.state[layer] = (s.gather(0, idx), r.gather(0, idx), loc.gather(0, idx))
-
-    def merge(self, other):
-        """A new accumulator holding the top-k of both (same ``k`` and ``score``)."""
-        if (other.k, other.score) != (self.k, self.score):
-            raise ConceptLensError(f"cannot merge TopK(k={other.k}, score={other.score}) into TopK(k={self.k}, score={self.score})")
-        out = TopK(self.k, self.score, self.layers)
-        for acc in (self, other):
-            for layer, (s, r, loc) in acc.state.items():
-                out._push(layer, s, r, acc.shapes[layer], loc=loc)
-        out.n_seen = self.n_seen + other.n_seen
-        return out
-
-    def result(self, manifest=None, provenance=None, params=None):
-        """A :class:`TopKResult`; ``manifest`` (Manifest or DataFrame) names the images."""
-        frame = manifest.frame if isinstance(manifest, Manifest) else manifest
-        scores, rows, locs = {}, {}, {}
-        for layer, (s, r, loc) in self.state.items():
-            scores[layer], rows[layer], locs[layer] = s.cpu().numpy().T, r.cpu().numpy().T, loc.cpu().numpy().T
-        info = {"k": self.k, "score": self.score, "n_seen": self.n_seen, **(params or {})}
-        return TopKResult.from_arrays(scores, rows, locs, dict(self.shapes), frame, info, provenance or {})
 
 
 @dataclass(frozen=True)
@@ -160,12 +50,15 @@ class TopKResult:
     provenance: dict = field(repr=False)
 
     @classmethod
-    def from_arrays(cls, scores, rows, locs, shapes, frame, params, provenance):
+    def from_accumulator(cls, acc, frame=None, params=None, provenance=None):
+        """The result of a :class:`~conceptlens.core.topk.TopK`; ``frame`` (a Manifest, a manifest
+        frame or store rows with ``manifest_row``) names the images."""
+        frame = frame.frame if isinstance(frame, Manifest) else frame
+        params = {"k": acc.k, "score": acc.score, "n_seen": acc.n_seen, **(params or {})}
         parts = []
-        for layer in scores:
-            s, r, loc = scores[layer], rows[layer], locs[layer]  # [C, k]
+        for layer, (s, r, loc) in acc.result().items():  # [C, k]
             c, k = s.shape
-            h, w = shapes[layer]
+            h, w = acc.shapes[layer]
             part = pd.DataFrame({
                 "layer": layer, "channel": np.repeat(np.arange(c), k), "rank": np.tile(np.arange(1, k + 1), c),
                 "manifest_row": r.ravel(), "score": s.ravel(),
@@ -182,7 +75,7 @@ class TopKResult:
                 table[col] = frame[col].reindex(table["manifest_row"].to_numpy()).to_numpy()
             else:
                 table[col] = ""
-        return cls(table=table[COLUMNS], params=params, provenance=provenance)
+        return cls(table=table[COLUMNS], params=params, provenance=provenance or {})
 
     def to_frame(self):
         """The top-k table (a copy)."""
@@ -278,13 +171,10 @@ def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
                 f"store {store.path} holds {store.pool}-pooled {layer!r}; top-k by {score} needs spatial maps: "
                 "extract with --pool none, or pass --model/--data so top-k runs during extraction"
             )
-        for start, arr in store.iter_chunks(layer, chunk_rows):
-            s, loc, hw = acc.reduce(layer, torch.from_numpy(arr))
-            r = torch.from_numpy(mrow[start:start + len(arr)].copy())[:, None].expand_as(s)
-            acc._push(layer, s, r, hw, loc)
-    acc.n_seen = store.n_rows
-    prov = store_provenance(store)
-    return acc.result(store.rows, prov, {"layers": layers, "source": "store"})
+    for parts in zip(*(store.iter_chunks(layer, chunk_rows) for layer in layers)):
+        start, n = parts[0][0], len(parts[0][1])
+        acc.update(mrow[start:start + n], {layer: torch.from_numpy(arr) for layer, (_, arr) in zip(layers, parts)})
+    return TopKResult.from_accumulator(acc, store.rows, {"layers": layers, "source": "store"}, store_provenance(store))
 
 
 def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", batch_size=64, num_workers=0,
@@ -304,7 +194,7 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
         complete for this request, its forward pass is skipped by :func:`extract`, and the top-k
         is computed with one plain pass instead (logged).
     pool, batch_size, num_workers, preprocessing, skip_bad, progress
-        As for :func:`~conceptlens.representation.extract.extract`.
+        As for :func:`~conceptlens.core.extract.extract`.
 
     Returns
     -------
@@ -321,11 +211,11 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
                      skip_bad=skip_bad, preprocessing=prep, observers=[acc], progress=progress)
         prov = {**store_provenance(st), "preprocessing": prep.to_dict()}
         if acc.n_seen == st.n_rows:
-            return acc.result(manifest, prov, {"layers": list(layers), "source": "extraction"})
+            return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "extraction"}, prov)
         logger.info("store %s was (partly) reused, so extraction did not see every image: one plain pass for top-k", store)
         acc = TopK(k, score)
     batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
     batches = tqdm(batches, desc="topk", unit="batch", disable=not progress)
     for rows, _, raw in iter_activations(model, batches, layers, pool="mean", keep_raw=acc.reduce):
-        acc(rows, raw)
-    return acc.result(manifest, prov, {"layers": list(layers), "source": "forward pass"})
+        acc.update(rows, raw)
+    return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "forward pass"}, prov)

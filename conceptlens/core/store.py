@@ -28,7 +28,7 @@ import pandas as pd
 from .. import __version__
 from ..errors import ConceptLensError
 
-__all__ = ["ActivationStore", "request_hash", "layer_filename"]
+__all__ = ["ActivationStore", "StoreWriter", "request_hash", "layer_filename"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class ActivationStore:
 class StoreWriter:
     """Writes rows into a store directory, resuming a matching unfinished store.
 
-    Used by :mod:`conceptlens.representation.extract`; analyzers only read stores.
+    Used by :mod:`conceptlens.core.extract`; analyzers only read stores.
     """
 
     def __init__(self, path, request, n_manifest_rows):

@@ -1,7 +1,7 @@
 """The one extraction path: capture named layers with forward hooks, pool, store; and gradients.
 
 * :func:`extract` runs a model over a manifest once and writes the requested layers into an
-  :class:`~conceptlens.representation.store.ActivationStore` (resumable, hash-checked).
+  :class:`~conceptlens.core.store.ActivationStore` (resumable, hash-checked).
 * :func:`iter_activations` is the in-memory core: ``(rows, {layer: pooled tensor})`` per batch.
 * :func:`iter_gradients` yields, per batch, the activations of the requested layers together with
   the gradients of explicit class logits with respect to them; only one batch is held at a time.
