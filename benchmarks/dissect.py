@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conceptlens.data import Preprocessing, make_loader  # noqa: E402
 from conceptlens.dissection import dissect, read_broden  # noqa: E402
-from conceptlens.dissection.broden import decode_mask  # noqa: E402
+from conceptlens.core.broden import decode_mask  # noqa: E402
 from conceptlens.dissection.iou import IoUTally, label_batch, label_columns  # noqa: E402
 from conceptlens.models import load_model  # noqa: E402
 from conceptlens.core.store import ActivationStore  # noqa: E402
@@ -144,8 +144,8 @@ def main():
     tally = IoUTally(maps.shape[1], columns)
     for start in range(0, m, BATCH):
         rows = np.arange(start, min(start + BATCH, m))
-        tally.add(torch.from_numpy(maps[rows]), thr, label_batch(b, rows, columns))
-    ours_iou = tally.iou()
+        tally.update(torch.from_numpy(maps[rows]), thr, label_batch(b, rows, columns))
+    ours_iou = tally.result()
     t_tally = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = reference_iou(maps, thr, b, "paper", result.labels)  # loops over the first m images

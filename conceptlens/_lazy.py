@@ -27,7 +27,8 @@ def lazy_exports(package, exports):
     package : str
         The package's ``__name__``.
     exports : dict of str -> list of str
-        Submodule name (relative to ``package``) -> the public names it defines.
+        Submodule name (relative to ``package``, or absolute when it starts with ``conceptlens.``,
+        for a name re-exported from the core) -> the public names it defines.
 
     Returns
     -------
@@ -43,7 +44,7 @@ def lazy_exports(package, exports):
         sub = where.get(name)
         if sub is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{sub}"), name)
+        value = getattr(importlib.import_module(sub if sub.startswith("conceptlens.") else f"{package}.{sub}"), name)
         setattr(sys.modules[package], name, value)  # later lookups skip __getattr__
         return value
 

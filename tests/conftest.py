@@ -29,7 +29,7 @@ def _source_hash(*parts):
 
     package = Path(conceptlens.__file__).parent  # the package under test (installed, or the checkout)
     h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
-    for rel in ("world", "demo_model.py", "data.py", "dissection/broden.py"):
+    for rel in ("world", "demo_model.py", "data.py", "core/broden.py"):
         p = package / rel
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             h.update(f.read_bytes())

@@ -8,7 +8,7 @@ line by line). Also a tiny Broden-format set with every format corner.
 
 import numpy as np
 
-from conceptlens.dissection.broden import BrodenRecord, write_broden
+from conceptlens.core.broden import BrodenRecord, write_broden
 
 
 def reference_quantiles(maps, q):

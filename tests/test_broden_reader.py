@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptlens.dissection.broden import decode_mask, read_broden
+from conceptlens.core.broden import decode_mask, read_broden
 from conceptlens.errors import ConceptLensError
 from dissection_reference import TINY_LABELS, tiny_broden
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conceptlens.cli import main
 from conceptlens.dissection import DissectionResult, dissect, read_broden
-from conceptlens.dissection.broden import decode_mask, encode_mask
+from conceptlens.core.broden import decode_mask, encode_mask
 from conceptlens.errors import ConceptLensError
 from conceptlens.models import random_init_copy
 from conceptlens.core.store import ActivationStore

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from conceptlens.dissection.broden import read_broden
+from conceptlens.core.broden import read_broden
 from conceptlens.dissection.iou import IoUTally, label_batch, label_columns, unit_masks
 from conceptlens.dissection.quantiles import GridQuantileSketch, exact_quantiles, load_thresholds, unit_quantiles
 from conceptlens.errors import ConceptLensError
@@ -56,17 +56,17 @@ def test_sketch_shards_merge_to_whole():
     whole = unit_quantiles(_chunks(maps, 30), 0.99, 7, 600, method="sketch", bins=8)
     shard_a, shard_b = maps[:12], maps[12:]
     a, b = GridQuantileSketch(7, 0.99, 8), GridQuantileSketch(7, 0.99, 8)
-    a.add_range(shard_a)
-    b.add_range(shard_b)
-    a.merge_range(b)
-    for start in (a.start_coarse, a.start_fine):
-        start()
+    a.update(shard_a)
+    b.update(shard_b)
+    a = a.merge(b)
+    for start in ("start_coarse", "start_fine"):
+        getattr(a, start)()
         b = a.spawn()
-        a.add(shard_a)
-        b.add(shard_b)
-        a.merge(b)
-    np.testing.assert_array_equal(a.estimate(), whole.values)
-    with pytest.raises(ConceptLensError, match="same grid"):
+        a.update(shard_a)
+        b.update(shard_b)
+        a = a.merge(b)
+    np.testing.assert_array_equal(a.result(), whole.values)
+    with pytest.raises(ConceptLensError, match="same units, quantile, bins and stage"):
         a.merge(GridQuantileSketch(7, 0.99, 8))
 
 
@@ -108,7 +108,7 @@ def test_bilinear_reference_matches_torch_upsampling():
 def _tally(broden, maps, thr, rule, rows):
     columns = label_columns(broden, rule)
     tally = IoUTally(maps.shape[1], columns)
-    tally.add(maps[rows], thr, label_batch(broden, rows, columns))
+    tally.update(maps[rows], thr, label_batch(broden, rows, columns))
     return tally
 
 
@@ -120,10 +120,10 @@ def test_iou_equals_loop_reference(tiny, rule):
     tally = IoUTally(maps.shape[1], columns)
     for start in range(0, len(tiny), 5):  # shards of 5 images
         rows = list(range(start, min(start + 5, len(tiny))))
-        tally.add(maps[rows], thr, label_batch(tiny, rows, columns))
+        tally.update(maps[rows], thr, label_batch(tiny, rows, columns))
     labels = {"number": columns.number, "category": [columns.categories[c] for c in columns.category]}
     ref = reference_iou(maps, thr, tiny, rule, labels)
-    got = tally.iou()
+    got = tally.result()
     assert np.isfinite(got).all() and got.max() > 0.1
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
     assert tally.unit_area[2] == 0 and not got[2].any()  # dead unit: IoU 0, not NaN
@@ -131,7 +131,7 @@ def test_iou_equals_loop_reference(tiny, rule):
     a = _tally(tiny, maps, thr, rule, list(range(0, 6)))
     b = _tally(tiny, maps, thr, rule, list(range(6, len(tiny))))
     np.testing.assert_array_equal(a.merge(b).intersection, tally.intersection)
-    np.testing.assert_array_equal(a.iou(), got)
+    np.testing.assert_array_equal(a.merge(b).result(), got)
 
 
 def test_rules_differ_where_they_should(tiny):

@@ -12,12 +12,12 @@ MODULES = [
     "conceptlens.world",
     "conceptlens.representation",
     "conceptlens.core", "conceptlens.core.extract", "conceptlens.core.store", "conceptlens.core.topk",
-    "conceptlens.core.corrections",
+    "conceptlens.core.corrections", "conceptlens.core.accumulate",
     "conceptlens.concepts", "conceptlens.concepts.cav", "conceptlens.concepts.stats", "conceptlens.concepts.tcav",
     "conceptlens.representation.probes", "conceptlens.representation.embed", "conceptlens.representation.neighbors", "conceptlens.representation.topk",
     "conceptlens.attribution", "conceptlens.attribution.methods", "conceptlens.attribution.evaluate",
     "conceptlens.attribution.spray", "conceptlens.attribution.explain",
-    "conceptlens.dissection", "conceptlens.dissection.broden", "conceptlens.dissection.quantiles",
+    "conceptlens.dissection", "conceptlens.core.broden", "conceptlens.dissection.quantiles",
     "conceptlens.dissection.iou", "conceptlens.dissection.dissect",
 ]
 

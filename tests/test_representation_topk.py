@@ -8,7 +8,8 @@ import torch
 from conceptlens.data import Manifest
 from conceptlens.errors import ConceptLensError
 from conceptlens.core.extract import extract
-from conceptlens.representation.topk import TopK, TopKResult, topk, topk_from_store
+from conceptlens.core.topk import TopK
+from conceptlens.representation.topk import TopKResult, topk, topk_from_store
 
 LAYERS = ["relu2", "conv4", "fc"]  # post-ReLU maps, signed maps, and vector outputs
 
@@ -25,7 +26,7 @@ def spatial(small, demo_model, tmp_path_factory):
     acc = {s: TopK(k=5, score=s) for s in ("max", "mean")}
     store = extract(demo_model, small, LAYERS, tmp_path_factory.mktemp("topk") / "maps", pool="none", dtype="float32",
                     batch_size=32, observers=list(acc.values()), progress=False)
-    return store, {s: a.result(small) for s, a in acc.items()}
+    return store, {s: TopKResult.from_accumulator(a, small) for s, a in acc.items()}
 
 
 def _brute(maps, score, k):
@@ -74,7 +75,7 @@ def test_merged_shards_equal_one_pass(spatial, small, demo_model, tmp_path):
 
         extract(demo_model, part, LAYERS, tmp_path / f"shard{i}", batch_size=32, observers=[observer], progress=False)
         accs.append(acc)
-    merged = accs[1].merge(accs[0]).result(small)  # merge order does not matter
+    merged = TopKResult.from_accumulator(accs[1].merge(accs[0]), small)  # merge order does not matter
     pd.testing.assert_frame_equal(merged.table, results["max"].table)
 
 
@@ -125,12 +126,12 @@ def test_ties_rank_lower_row_first():
     acc = TopK(k=3)
     acc(torch.tensor([0, 1, 2]), {"l": torch.tensor([[1.0], [2.0], [2.0]])})
     acc(torch.tensor([3, 4]), {"l": torch.tensor([[2.0], [5.0]])})
-    t = acc.result().top("l", 0)
+    t = TopKResult.from_accumulator(acc).top("l", 0)
     assert list(t["manifest_row"]) == [4, 1, 2]
 
 
 def test_order_key_matches_stable_sorts_on_negatives_zeros_and_ties():
-    from conceptlens.representation.topk import _top_indices
+    from conceptlens.core.topk import _top_indices
 
     rng = np.random.default_rng(0)
     values = np.array([-np.inf, -3.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.5, np.inf], dtype=np.float32)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import conceptlens.world as world_pkg
-from conceptlens.dissection.broden import BrodenRecord, decode_mask, encode_mask, write_broden
+from conceptlens.core.broden import BrodenRecord, decode_mask, encode_mask, write_broden
 from conceptlens.errors import ConceptLensError
 from conceptlens.world import PRESETS, World, WorldConfig, generate_world
 from conceptlens.world.shapes import COLOR_RGB, tag_box, tag_masks

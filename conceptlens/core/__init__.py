@@ -1,5 +1,5 @@
 """The core every analyzer stands on: extraction through forward hooks, the activation store,
-mergeable accumulators and the shared statistics.
+mergeable accumulators, the shared statistics and the Broden format.
 
 Analyzers (``concepts``, ``dissection``, ``representation``, ``attribution``) import this package,
 ``models``, ``data`` and their own package, never each other (``tests/test_import_boundaries.py``).
@@ -9,7 +9,8 @@ from .._lazy import lazy_exports
 
 __all__ = [
     "ActivationStore", "StoreWriter", "GradientBatch", "extract", "iter_activations", "iter_gradients", "predict",
-    "predict_tensor", "write_batches", "TopK", "holm", "benjamini_hochberg", "adjust_pvalues",
+    "predict_tensor", "write_batches", "TopK", "Accumulator", "RunningMoments", "Moments", "merge_all",
+    "holm", "benjamini_hochberg", "adjust_pvalues", "BrodenRecord", "BrodenSet", "read_broden", "write_broden",
 ]
 
 # Submodules load on first use of their names, as in the analyzer packages.
@@ -17,5 +18,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "extract": ["GradientBatch", "extract", "iter_activations", "iter_gradients", "predict", "predict_tensor", "write_batches"],
     "store": ["ActivationStore", "StoreWriter"],
     "topk": ["TopK"],
+    "accumulate": ["Accumulator", "Moments", "RunningMoments", "merge_all"],
+    "broden": ["BrodenRecord", "BrodenSet", "read_broden", "write_broden"],
     "corrections": ["holm", "benjamini_hochberg", "adjust_pvalues"],
 })

@@ -44,7 +44,8 @@ def _top_indices(scores, rows, k):
 
 
 class TopK:
-    """Streaming top-k images per channel: ``update(rows, {layer: maps})``, ``merge``, ``result``.
+    """Streaming top-k images per channel: ``update(rows, {layer: maps})``, ``merge``, ``result``
+    (the interface of :mod:`conceptlens.core.accumulate`).
 
     Also an extraction observer: ``extract(..., observers=[TopK(...)])``.
 
@@ -92,7 +93,8 @@ class TopK:
     def update(self, rows, raw):
         """Add one batch: ``rows`` (row indices, e.g. manifest rows) and ``raw``, ``{layer: Tensor}``
         unpooled ``[B, C, H, W]`` (or ``[B, C]``) outputs or ``{layer: reduce(layer, output)}``."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        # a copy: rows read from a store are a read-only memory map, which torch will not wrap
+        rows = rows.long() if torch.is_tensor(rows) else torch.from_numpy(np.array(rows, dtype=np.int64))
         for layer, out in raw.items():
             reduced = self.reduce(layer, out) if torch.is_tensor(out) else out
             if reduced is None:

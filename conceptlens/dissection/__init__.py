@@ -1,4 +1,5 @@
-"""Network dissection on Broden-style concept sets: reader/writer, thresholds, IoU tally, dissect."""
+"""Network dissection on Broden-style concept sets: thresholds, IoU tally, dissect (the Broden reader and
+writer live in :mod:`conceptlens.core.broden`, shared with the world generator; re-exported here)."""
 
 from .._lazy import lazy_exports
 
@@ -10,7 +11,7 @@ __all__ = [
 
 # Submodules load on first use of their names: importing one analyzer loads only its own code.
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "broden": ["BrodenRecord", "BrodenSet", "decode_mask", "encode_mask", "read_broden", "write_broden"],
+    "conceptlens.core.broden": ["BrodenRecord", "BrodenSet", "decode_mask", "encode_mask", "read_broden", "write_broden"],
     "dissect": ["DissectionResult", "dissect"],
     "iou": ["IoUTally", "label_columns"],
     "quantiles": ["GridQuantileSketch", "Thresholds", "load_thresholds", "unit_quantiles"],

@@ -40,7 +40,8 @@ from ..data import Preprocessing
 from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from ..core.extract import extract
-from .broden import BrodenSet, read_broden
+from ..core.topk import TopK
+from ..core.broden import BrodenSet, read_broden
 from .iou import RULES, IoUTally, label_batch, label_columns
 from .quantiles import DEFAULT_BUDGET, Thresholds, load_thresholds, unit_quantiles
 
@@ -168,30 +169,16 @@ class DissectionResult:
                    provenance=prov, path=directory, **arrays)
 
 
-class _TopK:
-    """Streaming per-unit top-k (largest score; ties to the lower row), mergeable by concatenation."""
-
-    def __init__(self, n_units, k):
-        self.k = k
-        self.scores = np.full((n_units, 0), -np.inf, dtype=np.float64)
-        self.rows = np.zeros((n_units, 0), dtype=np.int64)
-
-    def add(self, scores, rows):
-        """``scores`` ``[B, units]`` of images ``rows`` ``[B]``."""
-        if self.k == 0:
-            return
-        s = np.concatenate([self.scores, scores.T.astype(np.float64)], axis=1)
-        r = np.concatenate([self.rows, np.broadcast_to(rows[None, :], (s.shape[0], len(rows)))], axis=1)
-        order = np.lexsort((r, -s), axis=1)[:, : self.k]
-        self.scores = np.take_along_axis(s, order, axis=1)
-        self.rows = np.take_along_axis(r, order, axis=1)
-
-    def result(self):
-        pad = self.k - self.scores.shape[1]
-        if pad > 0:
-            self.scores = np.pad(self.scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-            self.rows = np.pad(self.rows, ((0, 0), (0, pad)), constant_values=-1)
-        return self.rows, self.scores
+def _top_images(acc, layers, n_units, k):
+    """``{layer: (rows, scores)}``, ``[units, k]`` each, padded with row -1 / score -inf where fewer
+    than ``k`` images were seen (the layout of ``toprows_*.npy`` / ``topscores_*.npy``)."""
+    found = {} if acc is None else acc.result()
+    tops = {}
+    for layer in layers:
+        scores, rows, _ = found.get(layer, (np.zeros((n_units[layer], 0)), np.zeros((n_units[layer], 0), dtype=np.int64), None))
+        pad = ((0, 0), (0, k - scores.shape[1]))
+        tops[layer] = (np.pad(rows, pad, constant_values=-1), np.pad(scores.astype(np.float64), pad, constant_values=-np.inf))
+    return tops
 
 
 class _Stages:
@@ -417,7 +404,7 @@ def dissect(
     model : LoadedModel or str
         A loaded model or a model spec.
     broden : BrodenSet or path
-        The concept set (:func:`~conceptlens.dissection.broden.read_broden`).
+        The concept set (:func:`~conceptlens.core.broden.read_broden`).
     layers : list of str
         Convolutional layers (``conceptlens layers MODEL``).
     out : path
@@ -540,20 +527,21 @@ def dissect(
                 for layer in layers}
     else:
         tallies = {layer: IoUTally(shapes[layer][0], columns) for layer in layers}
-        topk = {layer: _TopK(shapes[layer][0], top_k) for layer in layers}
+        topk = TopK(top_k, "max", layers=layers, locations=False) if top_k else None
         store_rows = store.rows["manifest_row"].to_numpy()
         bar = tqdm(total=store.n_rows, desc="tally", unit="img", disable=not progress)
         for parts in zip(*(store.iter_chunks(layer, chunk_rows) for layer in layers)):
             start = parts[0][0]
             rows = store_rows[start: start + len(parts[0][1])]
             labels = label_batch(broden, rows, columns)
-            for layer, (_, chunk) in zip(layers, parts):
-                maps = torch.from_numpy(chunk)
-                tallies[layer].add(maps, thr[layer], labels)
-                topk[layer].add(maps.amax(dim=(2, 3)).numpy(), rows)
+            maps = {layer: torch.from_numpy(chunk) for layer, (_, chunk) in zip(layers, parts)}
+            for layer in layers:
+                tallies[layer].update(maps[layer], thr[layer], labels)
+            if topk is not None:
+                topk.update(rows, maps)
             bar.update(len(rows))
         bar.close()
-        tops = {layer: topk[layer].result() for layer in layers}
+        tops = _top_images(topk, layers, {layer: shapes[layer][0] for layer in layers}, top_k)
         for layer in layers:
             tallies[layer].save(work, f"tally_{_safe(layer)}")
             np.save(work / f"toprows_{_safe(layer)}.npy", tops[layer][0])
@@ -563,7 +551,7 @@ def dissect(
 
     # 4. result
     t0 = time.perf_counter()
-    ious = {layer: tallies[layer].iou() for layer in layers}
+    ious = {layer: tallies[layer].result() for layer in layers}
     units = pd.concat([_unit_table(layer, ious[layer], thr[layer], tallies[layer], columns, iou_threshold)
                        for layer in layers], ignore_index=True)
     for layer in layers:

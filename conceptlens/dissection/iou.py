@@ -96,7 +96,7 @@ class LabelColumns:
 
 
 def label_columns(broden, rule="paper"):
-    """The label columns of ``broden`` (a :class:`~conceptlens.dissection.broden.BrodenSet`) for a rule."""
+    """The label columns of ``broden`` (a :class:`~conceptlens.core.broden.BrodenSet`) for a rule."""
     rule = _check_rule(rule)
     cats = broden.categories
     lookup = np.full((len(cats), broden.max_label + 1), -1, dtype=np.int64)
@@ -357,7 +357,8 @@ def unit_masks(maps, thresholds, shapes, offsets):
 
 
 class IoUTally:
-    """Mergeable IoU accumulators of one layer.
+    """Mergeable IoU accumulators of one layer (:mod:`conceptlens.core.accumulate`'s interface:
+    ``update(maps, thresholds, labels)``, ``merge``, ``result()`` = the IoU matrix).
 
     Attributes
     ----------
@@ -385,7 +386,7 @@ class IoUTally:
         self._category = np.append(columns.category, k)
         self._labelcat = columns.onehot().toarray()
 
-    def add(self, maps, thresholds, labels):
+    def update(self, maps, thresholds, labels):
         """Tally a batch: ``maps`` ``[B, units, h, w]`` with its :class:`LabelBatch`."""
         pair_image, pair_unit, hit_pair, hit_pixel = unit_hits(maps, thresholds, labels.shapes, labels.offsets)
         self.label_area += labels.label_area
@@ -411,16 +412,17 @@ class IoUTally:
             np.add.at(self.unit_area_cat, pair_unit, area[:, None] * under)
 
     def merge(self, other):
-        """Add the counts of a tally of another shard (same units and columns)."""
+        """A new tally holding the counts of this one and of another shard's (same units and columns)."""
         if other.intersection.shape != self.intersection.shape or other.columns.rule != self.columns.rule:
             raise ConceptLensError("IoU tallies merge only with the same units, label columns and rule")
+        out = IoUTally(self.n_units, self.columns)
         for name in self._ARRAYS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.n_images += other.n_images
-        return self
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.n_images = self.n_images + other.n_images
+        return out
 
-    def iou(self):
-        """IoU ``[units, J]`` (float64); 0 where the union is empty, never NaN."""
+    def result(self):
+        """The IoU ``[units, J]`` (float64); 0 where the union is empty, never NaN."""
         inter = self.intersection.astype(np.float64)
         union = self.unit_area_cat[:, self.columns.category].astype(np.float64) + self.label_area[None, :] - inter
         if self.columns.rule == "netdissect-lite":

@@ -112,9 +112,11 @@ def exact_quantiles(chunks, q, n_units, n_values):
 class GridQuantileSketch:
     """Mergeable two-level fixed-grid histogram per unit for one quantile (see module notes).
 
-    Feed the same data three times: :meth:`add_range` (pass 1), :meth:`add` (pass 2, after
-    :meth:`start_coarse`), :meth:`add` again (pass 3, after :meth:`start_fine`); then
-    :meth:`estimate`. Sketches of shards with the same grid add with :meth:`merge`.
+    Feed the same data three times through :meth:`update`: pass 1 collects each unit's range, pass
+    2 (after :meth:`start_coarse`) counts the coarse grid, pass 3 (after :meth:`start_fine`) refines
+    the two cells holding the quantile's order statistics; then :meth:`result`. Sketches of shards
+    in the same stage (and, after pass 1, on the same grid) combine with :meth:`merge`; the
+    interface is :mod:`conceptlens.core.accumulate`'s.
 
     Parameters
     ----------
@@ -136,15 +138,6 @@ class GridQuantileSketch:
         self.coarse = None
         self.fine = None
         self._targets = None
-
-    # -- pass 1
-    def add_range(self, chunk):
-        """Pass 1: update each unit's min and max with a ``[rows, units, ...]`` chunk."""
-        part = _as_units(chunk)
-        if part.shape[1]:
-            self.lo = np.minimum(self.lo, part.min(axis=1))
-            self.hi = np.maximum(self.hi, part.max(axis=1))
-            self.n += part.shape[1]
 
     def _fine_index(self, part):
         width = self.hi - self.lo
@@ -172,26 +165,34 @@ class GridQuantileSketch:
         self.fine = np.zeros((2, self.n_units, self.bins), dtype=np.int64)
         self.stage = "fine"
 
-    def add(self, chunk):
-        """Pass 2 or 3: count a ``[rows, units, ...]`` chunk on the current grid."""
+    def update(self, chunk):
+        """Fold a ``[rows, units, ...]`` chunk into the current pass: the range, or counts on the grid."""
         part = _as_units(chunk)
+        if self.stage == "range":
+            if part.shape[1]:
+                self.lo = np.minimum(self.lo, part.min(axis=1))
+                self.hi = np.maximum(self.hi, part.max(axis=1))
+                self.n += part.shape[1]
+            return
         idx = self._fine_index(part)
         units = np.arange(self.n_units)[:, None] * self.bins
         if self.stage == "coarse":
             self.coarse += np.bincount((units + idx // self.bins).ravel(), minlength=self.n_units * self.bins).reshape(
                 self.n_units, self.bins)
-        elif self.stage == "fine":
+        else:
             for j, (cell, _) in enumerate(self._targets):
                 sel = idx // self.bins == cell[:, None]
                 flat = np.broadcast_to(units, idx.shape)[sel] + idx[sel] % self.bins
                 self.fine[j] += np.bincount(flat, minlength=self.n_units * self.bins).reshape(self.n_units, self.bins)
-        else:
-            raise ConceptLensError(f"GridQuantileSketch.add called in stage {self.stage!r}; call start_coarse() first")
 
     def spawn(self):
         """An empty sketch on this one's grid and stage, for another shard's counts (then :meth:`merge`)."""
         other = GridQuantileSketch(self.n_units, self.q, self.bins)
-        other.lo, other.hi, other.n, other.stage, other._targets = self.lo, self.hi, self.n, self.stage, self._targets
+        other.lo, other.hi, other.stage, other._targets = self.lo, self.hi, self.stage, self._targets
+        if self.stage == "range":
+            other.lo, other.hi = np.full(self.n_units, np.inf), np.full(self.n_units, -np.inf)
+        else:
+            other.n = self.n
         if self.coarse is not None:
             other.coarse = np.zeros_like(self.coarse)
         if self.fine is not None:
@@ -199,30 +200,31 @@ class GridQuantileSketch:
         return other
 
     def merge(self, other):
-        """Add the counts of a sketch of another shard (same grid and stage) into this one."""
-        if self.stage != other.stage or not (np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)):
+        """A new sketch holding this one's and another shard's: ranges in pass 1, grid counts after
+        (both sketches on the same grid and stage)."""
+        if (other.n_units, other.q, other.bins, other.stage) != (self.n_units, self.q, self.bins, self.stage):
+            raise ConceptLensError("quantile sketches merge only with the same units, quantile, bins and stage")
+        out = self.spawn()
+        if self.stage == "range":
+            out.lo, out.hi, out.n = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi), self.n + other.n
+            return out
+        if not (np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi) and self.n == other.n):
             raise ConceptLensError("quantile sketches merge only with the same grid (lo, hi, bins) and stage")
         if self.stage == "coarse":
-            self.coarse += other.coarse
-        elif self.stage == "fine":
-            self.fine += other.fine
-        return self
-
-    def merge_range(self, other):
-        """Pass 1 merge: combine the ranges and counts of another shard."""
-        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
-        self.n += other.n
-        return self
+            out.coarse = self.coarse + other.coarse
+        else:
+            out.fine = self.fine + other.fine
+        return out
 
     @property
     def error_bound(self):
         """Per unit, the largest ``|estimate - exact quantile|``: ``(hi - lo) / (2 · bins²)``."""
         return (self.hi - self.lo) / (2.0 * self.bins * self.bins)
 
-    def estimate(self):
-        """End pass 3: the per-unit quantile estimates (float64)."""
+    def result(self):
+        """After pass 3: the per-unit quantile estimates (float64)."""
         if self.stage != "fine":
-            raise ConceptLensError("GridQuantileSketch.estimate needs the three passes first")
+            raise ConceptLensError("GridQuantileSketch.result needs the three passes first")
         _, _, t = _ranks(self.q, self.n)
         width = (self.hi - self.lo) / (self.bins * self.bins)
         values = []
@@ -272,16 +274,13 @@ def unit_quantiles(chunks, q, n_units, n_values, method="auto", memory_budget=DE
         values = exact_quantiles(chunks(), q, n_units, n_values)
         return Thresholds(values, f"exact quantile {q:g} (numpy linear interpolation)", np.zeros(n_units))
     sketch = GridQuantileSketch(n_units, q, bins)
-    for chunk in chunks():
-        sketch.add_range(chunk)
-    sketch.start_coarse()
-    for chunk in chunks():
-        sketch.add(chunk)
-    sketch.start_fine()
-    for chunk in chunks():
-        sketch.add(chunk)
+    for start in (None, sketch.start_coarse, sketch.start_fine):
+        if start is not None:
+            start()
+        for chunk in chunks():
+            sketch.update(chunk)
     return Thresholds(
-        sketch.estimate(),
+        sketch.result(),
         f"grid-sketch quantile {q:g} (2 levels x {bins} bins; |error| <= (max - min) / (2 * {bins}^2))",
         sketch.error_bound,
     )

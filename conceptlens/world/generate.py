@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..dissection.broden import BrodenRecord, write_broden
+from ..core.broden import BrodenRecord, write_broden
 from ..errors import ConceptLensError, did_you_mean
 from . import shapes as S
 
