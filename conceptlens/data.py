@@ -9,7 +9,6 @@ CSV (``<stem>.toml`` with a ``[preprocessing]`` table), and explicit overrides.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -198,21 +197,16 @@ class Manifest:
 
 
     def content_hash(self):
-        """Hash of the rows and of each image file's path, size and mtime.
+        """Hash of the rows and of each image file's path and contents
+        (:func:`~conceptlens.core.hashing.hash_files`).
 
-        Cheap for large datasets; a copied or touched image changes the hash, which makes caches
-        rebuild rather than silently reuse stale results.
+        An edited image changes the hash, which makes caches rebuild rather than silently reuse
+        stale results; a touched or copied-in-place one does not.
         """
-        h = hashlib.sha256()
-        h.update(pd.util.hash_pandas_object(self.frame, index=True).values.tobytes())
-        h.update(str(list(self.frame.columns)).encode())
-        for p in self.image_paths():
-            try:
-                st = os.stat(p)
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}|missing\n".encode())
-        return h.hexdigest()
+        from .core.hashing import hash_files
+
+        rows = pd.util.hash_pandas_object(self.frame, index=True).values.tobytes() + str(list(self.frame.columns)).encode()
+        return hash_files(self.image_paths(), seed=rows)
 
 
 def partial_preprocessing(d, source="preprocessing"):

@@ -8,7 +8,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from conceptlens.data import Manifest, Preprocessing, load_images
 from conceptlens.errors import ConceptLensError
-from conceptlens.core.extract import extract, iter_activations, iter_gradients, predict, predict_tensor
+from conceptlens.core.extract import StoreRequest, capture, extract, iter_activations, iter_gradients, predict, predict_tensor
 from conceptlens.core.store import ActivationStore
 
 PREP = Preprocessing(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -91,6 +91,63 @@ def test_interrupted_store_resumes_and_equals_uninterrupted(tmp_path, resnet18, 
     for layer in LAYERS:
         np.testing.assert_array_equal(resumed.load(layer), full.load(layer))
     assert resumed.rows.equals(full.rows)
+
+
+def test_one_capture_pass_equals_separate_passes(tmp_path, resnet18, image_manifest):
+    """Two stores (one layer pooled two ways), logits and a top-k observer from one forward per image."""
+    from conceptlens.core.topk import TopK
+
+    kw = dict(batch_size=6, preprocessing=PREP, progress=False)
+    mean = extract(resnet18, image_manifest, ["layer2", "layer4"], tmp_path / "mean", pool="mean", **kw)
+    grid = extract(resnet18, image_manifest, ["layer2"], tmp_path / "grid", pool="adaptive:2", **kw)
+    rows, logits = predict(resnet18, image_manifest, **kw)
+    alone = TopK(3)
+    extract(resnet18, image_manifest, ["layer2", "layer4"], tmp_path / "alone", observers=[alone], **kw)
+    together = TopK(3)
+    seen, handle = _count_forward_images(resnet18.module)
+    try:
+        got = capture(resnet18, image_manifest, [StoreRequest(tmp_path / "m", ["layer2", "layer4"], "mean"),
+                                                 StoreRequest(tmp_path / "g", ["layer2"], "adaptive:2")],
+                      logits=True, observers=[together], **kw)
+    finally:
+        handle.remove()
+    assert sum(seen) == 20 and got.forwarded == 20  # one forward per image for all four outputs
+    for layer in ("layer2", "layer4"):
+        np.testing.assert_array_equal(got.stores[0].load(layer), mean.load(layer))
+    np.testing.assert_array_equal(got.stores[1].load("layer2"), grid.load("layer2"))
+    assert got.stores[1].pool == "adaptive:2" and got.stores[1].meta["dtype"] == "float16"  # its own dtype (auto)
+    np.testing.assert_array_equal(got.rows, rows)
+    np.testing.assert_allclose(got.logits, logits, rtol=1e-6, atol=1e-6)
+    for layer, (s, r, _) in alone.result().items():
+        np.testing.assert_array_equal(together.result()[layer][1], r)
+    # everything stored already and no logits asked: no forward at all
+    seen, handle = _count_forward_images(resnet18.module)
+    try:
+        again = capture(resnet18, image_manifest, [StoreRequest(tmp_path / "m", ["layer2", "layer4"], "mean")], **kw)
+    finally:
+        handle.remove()
+    assert seen == [] and again.forwarded == 0 and again.logits is None
+
+
+def test_capture_keeps_resumed_stores_in_step(tmp_path, resnet18, image_manifest, caplog):
+    kw = dict(batch_size=4, preprocessing=PREP, progress=False)
+    full = extract(resnet18, image_manifest, ["layer2"], tmp_path / "full", **kw)
+    calls = []
+
+    def stop_after_two_batches(rows, raw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(resnet18, image_manifest, ["layer2"], tmp_path / "a", observers=[stop_after_two_batches], **kw)
+    # store a resumes at row 8, store b is new: both are written from row 0 in one pass
+    with caplog.at_level(logging.INFO, logger="conceptlens"):
+        got = capture(resnet18, image_manifest, [StoreRequest(tmp_path / "a", ["layer2"]), StoreRequest(tmp_path / "b", ["layer2"])], **kw)
+    assert "rewriting it from the first row" in caplog.text and got.forwarded == 20
+    for store in got.stores:
+        np.testing.assert_array_equal(store.load("layer2"), full.load("layer2"))
+        assert store.rows.equals(full.rows)
 
 
 def test_complete_store_is_reused_only_for_the_same_request(tmp_path, resnet18, image_manifest, caplog):

@@ -142,6 +142,41 @@ def test_tag_audit_fails_on_biased_and_does_not_fail_on_unbiased_model(built, tm
     assert res_u.index.is_file()
 
 
+def test_report_makes_one_pass_over_the_manifest(tmp_path, demo_weights, world_dir, monkeypatch):
+    """Overview, layers (store + top-k) and dataset review (layouts) from one forward per manifest
+    image: the forward pre-hook counts the images the report's own model sees. (The probe baselines
+    run a random-init copy, another module; TCAV and the drill-down, which need gradients of chosen
+    images, are not in these sections.)"""
+    import conceptlens.report.build as build_module
+    from conceptlens.data import Manifest
+
+    seen = []
+    real_load = build_module.load_model
+
+    def counting_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        root = model.module
+        root.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])) if m is root else None)
+        return model
+
+    monkeypatch.setattr(build_module, "load_model", counting_load)
+    text = SPEC.format(weights=demo_weights, world=world_dir, concepts=world_dir / "concepts", title="passes",
+                       sections=json.dumps(["overview", "layers", "dataset"]))
+    text = text.replace('insensitive = ["tag:circle"]', "").replace('spray_classes = ["circle"]', "")
+    (tmp_path / "spec.toml").write_text(text)
+    spec = load_spec(tmp_path / "spec.toml")
+    by_stage = {}
+    res = build_report(spec, tmp_path / "out", progress=False,
+                       on_stage=lambda name, *_: by_stage.__setitem__(name, sum(seen) - sum(by_stage.values())))
+    n = len(Manifest.read(world_dir / "manifest.csv"))
+    assert by_stage["capture"] == n and sum(seen) == n, by_stage
+    assert [s["name"] for s in res.stages].count("capture") == 1
+    # the one pass gave what the three did: predictions for every image, both stores, the top-k table
+    (capture_dir,) = (tmp_path / "out" / "cache").glob("capture-*")
+    assert len(pd.read_csv(capture_dir / "overview" / "predictions.csv")) == n
+    assert {p.name for p in capture_dir.iterdir()} >= {"overview", "store", "layout", "topk"}
+
+
 def _results_of(out):
     from conceptlens.concepts import TCAVResult
 

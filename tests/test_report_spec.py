@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from conceptlens.errors import ConceptLensError
-from conceptlens.report.cache import ResultCache, fingerprint
+from conceptlens.core.hashing import hash_files, hash_json, hash_tree
+from conceptlens.report.cache import ResultCache
 from conceptlens.report.demo import DEMO_SPEC
 from conceptlens.report.spec import SECTIONS, load_spec
 
@@ -108,12 +109,31 @@ def test_cache_reuses_same_key_and_replaces_other_key(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [f"stage-{k2}"]  # no half result left
 
 
-def test_fingerprint_changes_with_content(tmp_path):
+def test_content_hash_follows_contents_not_stat(tmp_path):
+    import hashlib
+    import os
+
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "1.png").write_bytes(b"x")
-    f1 = fingerprint(tmp_path / "a")
-    (tmp_path / "a" / "2.png").write_bytes(b"y")
-    assert fingerprint(tmp_path / "a") != f1
+    f1 = hash_tree(tmp_path / "a")
+    # independent reference: SHA-256 over "name\0" + SHA-256(contents) per file, in name order
+    ref = hashlib.sha256(b"1.png\0" + hashlib.sha256(b"x").digest()).hexdigest()
+    assert f1 == ref
+    st = os.stat(tmp_path / "a" / "1.png")
+    os.utime(tmp_path / "a" / "1.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same hash
+    assert hash_tree(tmp_path / "a") == f1
+    (tmp_path / "a" / "1.png").write_bytes(b"z")  # same size, new bytes: another hash
+    assert hash_tree(tmp_path / "a") != f1
+    (tmp_path / "a" / "2.png").write_bytes(b"y")  # a new file: another hash
+    f3 = hash_tree(tmp_path / "a")
+    assert f3 not in (f1, hash_tree(tmp_path / "a", exclude={"2.png"}))
+    # the same tree elsewhere hashes the same; a missing file is not an error, but counts
+    (tmp_path / "b").mkdir()
+    for name in ("1.png", "2.png"):
+        (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    assert hash_tree(tmp_path / "b") == f3
+    assert hash_files([tmp_path / "nope.png"]) != hash_files([])
+    assert hash_json({"b": 1, "a": [1, 2]}) == hash_json({"a": [1, 2], "b": 1})
 
 
 def test_overview_accuracy_and_confusion_match_sklearn():

@@ -54,7 +54,6 @@ Designs (``design``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -72,6 +71,7 @@ from ..data import Manifest, make_loader
 from ..errors import ConceptLensError, did_you_mean
 from ..models import load_model, validate_layers
 from ..core.extract import iter_activations, iter_gradients
+from ..core.hashing import hash_files
 from . import stats
 from .cav import CAV_METHODS, fit_cavs
 
@@ -180,14 +180,6 @@ def _class_inputs(model, data, classes, split, max_inputs, rng):
         sub = manifest.subset(np.isin(np.arange(len(frame)), rows))
         out.append((str(name), index, sub, rows))
     return manifest, out
-
-
-def _set_hash(paths):
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -711,9 +703,9 @@ class TCAV:
             "classes": {name: int(idx) for name, idx, _, _ in class_inputs},
             "data": {"manifest": str(manifest.path), "manifest_hash": manifest.content_hash(), "split": split,
                      "max_inputs": max_inputs, "n_inputs": {k: int(v) for k, v in inputs.groupby("class").size().items()}},
-            "concepts": {c: {"n_images": len(sets[c]), "n_read": int((row_of[c] >= 0).sum()), "hash": _set_hash(sets[c])} for c in names},
+            "concepts": {c: {"n_images": len(sets[c]), "n_read": int((row_of[c] >= 0).sum()), "hash": hash_files(sets[c])} for c in names},
             "random_pool": {"source": str(random_pool) if isinstance(random_pool, (str, os.PathLike)) else "paths",
-                            "n_images": len(pool), "n_read": int((row_of[NULL] >= 0).sum()), "hash": _set_hash(pool)},
+                            "n_images": len(pool), "n_read": int((row_of[NULL] >= 0).sum()), "hash": hash_files(pool)},
             "preprocessing": prep.to_dict(),
         }
         return TCAVResult(table=table, runs=runs_frame, derivatives=derivs, cavs=cav_frame,

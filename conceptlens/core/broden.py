@@ -27,7 +27,6 @@ notation).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import re
@@ -40,6 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import ConceptLensError, did_you_mean
+from .hashing import hash_files
 
 __all__ = ["BrodenRecord", "write_broden", "encode_mask", "decode_mask", "INDEX_COLUMNS", "BrodenSet", "read_broden"]
 
@@ -493,18 +493,12 @@ class BrodenSet:
     def content_hash(self):
         """SHA-256 over the categories used, the set's CSV files and every mask file they reference.
 
-        The CSVs (index, labels, categories, codes) are hashed by content, the masks by path, size
-        and mtime (:meth:`~conceptlens.data.Manifest.content_hash`), so an edited or touched mask
+        Every file by content (:func:`~conceptlens.core.hashing.hash_files`), so an edited mask
         changes the hash and the dissection tally keyed by it is recomputed.
         """
-        from ..data import Manifest
-
-        h = hashlib.sha256(repr(self.categories).encode())
-        for name in ["index.csv", "label.csv", "category.csv"] + [f"c_{c}.csv" for c in self.categories]:
-            h.update(name.encode() + b"\0" + (self.root / name).read_bytes())
-        masks = ["images/" + e for c in self.categories for cell in self.entries[c] for e in cell if isinstance(e, str)]
-        h.update(Manifest(path=(self.root / "index.csv").resolve(), frame=pd.DataFrame({"image": masks})).content_hash().encode())
-        return h.hexdigest()
+        names = ["index.csv", "label.csv", "category.csv"] + [f"c_{c}.csv" for c in self.categories]
+        names += ["images/" + e for c in self.categories for cell in self.entries[c] for e in cell if isinstance(e, str)]
+        return hash_files([self.root / n for n in names], names, seed=repr(self.categories).encode())
 
 
 def _read_table(path, required):

@@ -1,5 +1,9 @@
 """The one extraction path: capture named layers with forward hooks, pool, store; and gradients.
 
+* :func:`capture` is the capture plan: one pass over a manifest that writes any number of
+  activation stores (each with its own layers and pooling), keeps the logits and feeds streaming
+  observers such as top-k. :func:`extract` (one store) and :func:`predict` (logits) are its
+  one-output cases.
 * :func:`extract` runs a model over a manifest once and writes the requested layers into an
   :class:`~conceptlens.core.store.ActivationStore` (resumable, hash-checked).
 * :func:`iter_activations` is the in-memory core: ``(rows, {layer: pooled tensor})`` per batch.
@@ -27,7 +31,7 @@ from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from .store import ActivationStore, StoreWriter
 
-__all__ = ["extract", "predict", "predict_tensor", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
+__all__ = ["capture", "StoreRequest", "Captured", "extract", "predict", "predict_tensor", "write_batches", "iter_activations", "iter_gradients", "GradientBatch", "pool_activations", "parse_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,50 @@ def _model_and_device(model):
     return model, module, device
 
 
+def _forward_batches(model, batches, layers, views, keep_raw=False, logits=False):
+    """The capture loop: per batch ``(rows, {view: pooled}, {layer: raw}, logits or None)``.
+
+    ``views`` maps a name to ``(layer, pool)``, so one layer can be pooled several ways in the same
+    forward. Without ``logits`` the forward stops after the last hooked layer (after the first
+    batch, which runs the whole model to check that each layer runs exactly once).
+    """
+    model, module, device = _model_and_device(model)
+    layers = validate_layers(module, layers) if layers else []
+    by_layer = {}
+    for view, (layer, pool) in views.items():
+        by_layer.setdefault(layer, []).append((view, parse_pool(pool)))
+
+    def transform(name, out):
+        out = out.detach()
+        pooled = {}
+        for view, pool in by_layer.get(name, ()):
+            p = pool_activations(out, pool, name)
+            pooled[view] = out.clone() if p is out else p  # downstream in-place ops (ReLU(inplace=True)) would change it
+        if callable(keep_raw):
+            return (pooled, keep_raw(name, out)), None
+        return (pooled, out.clone() if keep_raw else None), None
+
+    capture = _Capture(layers, transform, stop_early=False)
+    first = True
+    with _hooked(module, layers, capture), torch.inference_mode():
+        for rows, x in batches:
+            capture.reset()
+            capture.stop_early = bool(layers) and not first and not logits
+            out = None
+            try:
+                out = module(x.to(device, non_blocking=True))
+            except _StopForward:
+                pass
+            if first:
+                capture.check_single_calls()
+                first = False
+            pooled = {view: t for n in layers for view, t in capture.outputs[n][0].items()}
+            raw = {n: capture.outputs[n][1] for n in layers} if keep_raw else {}
+            if logits:
+                out = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            yield rows, pooled, raw, out if logits else None
+
+
 def iter_activations(model, batches, layers, pool="mean", keep_raw=False):
     """Yield ``(rows, pooled, raw)`` per batch of ``batches`` (iterable of ``(rows, images)``).
 
@@ -136,35 +184,11 @@ def iter_activations(model, batches, layers, pool="mean", keep_raw=False):
     the last requested layer has run; the first batch runs the whole model to check that each
     layer runs exactly once.
     """
-    model, module, device = _model_and_device(model)
+    model, module, _ = _model_and_device(model)
     layers = validate_layers(module, layers)
     pool = parse_pool(pool)
-
-    def transform(name, out):
-        out = out.detach()
-        pooled = pool_activations(out, pool, name)
-        if pooled is out:
-            pooled = out.clone()  # downstream in-place ops (ReLU(inplace=True)) would change it
-        if callable(keep_raw):
-            return (pooled, keep_raw(name, out)), None
-        return (pooled, out.clone() if keep_raw else None), None
-
-    capture = _Capture(layers, transform, stop_early=False)
-    first = True
-    with _hooked(module, layers, capture), torch.inference_mode():
-        for rows, x in batches:
-            capture.reset()
-            capture.stop_early = not first
-            try:
-                module(x.to(device, non_blocking=True))
-            except _StopForward:
-                pass
-            if first:
-                capture.check_single_calls()
-                first = False
-            pooled = {n: capture.outputs[n][0] for n in layers}
-            raw = {n: capture.outputs[n][1] for n in layers} if keep_raw else {}
-            yield rows, pooled, raw
+    for rows, pooled, raw, _ in _forward_batches(model, batches, layers, {n: (n, pool) for n in layers}, keep_raw):
+        yield rows, pooled, raw
 
 
 @dataclass(frozen=True)
@@ -247,6 +271,112 @@ def _resolve_dtype(dtype, pool):
     return dtype
 
 
+@dataclass(frozen=True)
+class StoreRequest:
+    """One activation store a :func:`capture` pass writes: ``layers`` pooled by ``pool`` into ``path``.
+
+    ``dtype`` ``auto``: float32 for mean/max pooling, float16 for spatial maps.
+    """
+
+    path: Path
+    layers: tuple
+    pool: str = "mean"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What one :func:`capture` pass gave.
+
+    Attributes
+    ----------
+    stores : tuple of ActivationStore
+        One per :class:`StoreRequest`, in order.
+    rows : ndarray of int or None
+        Manifest rows of ``logits`` (readable images), when logits were asked for.
+    logits : ndarray of float32 ``[N, K]`` or None
+    forwarded : int
+        Images this call ran through the model (0 when every store was reused and no logits asked).
+    """
+
+    stores: tuple
+    rows: np.ndarray | None
+    logits: np.ndarray | None
+    forwarded: int
+
+
+@dataclass
+class _Target:
+    writer: StoreWriter
+    layers: list
+    pool: str
+    dtype: str
+
+
+def capture(model, data, stores=(), logits=False, observers=(), batch_size=64, num_workers=0, skip_bad=False,
+            preprocessing=None, progress=True):
+    """One pass over a manifest for everything asked of it: stores, logits and streaming observers.
+
+    The capture plan of every analyzer and of the report: each :class:`StoreRequest` is an
+    activation store (its own layers, pooling and dtype; a layer may be in several), ``logits``
+    keeps the model's outputs, ``observers`` (e.g. :class:`~conceptlens.core.topk.TopK`) see the
+    unpooled maps of every captured layer, as in :func:`extract`. Complete stores of the same
+    request are reused; unfinished ones resume (together, from the earliest row any of them
+    lacks). The forward stops after the last captured layer unless logits are asked for.
+
+    Parameters
+    ----------
+    model : LoadedModel or str
+    data : Manifest or path
+    stores : sequence of StoreRequest
+    logits : bool
+    observers, batch_size, num_workers, skip_bad, preprocessing, progress
+        As for :func:`extract`.
+
+    Returns
+    -------
+    Captured
+    """
+    model = load_model(model) if isinstance(model, str) else model
+    manifest = data if isinstance(data, Manifest) else Manifest.read(data)
+    prep = model.preprocessing_for(manifest, preprocessing)
+    manifest_hash = manifest.content_hash()
+    targets, states = [], []
+    for req in stores:
+        layers = validate_layers(model.module, req.layers)
+        pool = parse_pool(req.pool)
+        dtype = _resolve_dtype(req.dtype, pool)
+        request = {"model": model.spec, "weights_hash": model.weights_hash, "manifest": str(manifest.path),
+                   "manifest_hash": manifest_hash, "layers": layers, "pool": pool, "dtype": dtype,
+                   "preprocessing": prep.to_dict(), "version": __version__}
+        writer = StoreWriter(Path(req.path), request, len(manifest))
+        states.append(writer.existing())
+        if states[-1] == "complete":
+            logger.info("activation store %s is complete for this request: reusing it", req.path)
+        targets.append(_Target(writer, layers, pool, dtype))
+    pending = [t for t, state in zip(targets, states) if state != "complete"]
+    resumed = {t.writer.rows_completed for t in pending}
+    start = resumed.pop() if len(resumed) == 1 and not logits else 0
+    for t in pending:
+        if t.writer.rows_completed > start:  # the pass must start earlier for its other outputs: keep them in step
+            logger.info("store %s: rewriting it from the first row with the other outputs of this pass", t.writer.path)
+            t.writer.restart()
+    rows = out = None
+    forwarded = 0
+    if pending or logits:
+        batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
+                              rows=range(start, len(manifest)))
+        rows, out, forwarded = _write_pass(model, batches, pending, observers, logits, start, len(manifest), progress)
+        if batches.skipped:
+            logger.warning("skipped %d unreadable images of %s%s", len(batches.skipped), manifest.path,
+                           "".join(f" (listed in {t.writer.path}/meta.json)" for t in pending[:1]))
+        if logits and not len(rows):
+            raise ConceptLensError(f"no readable image in {manifest.path}; nothing to predict")
+    done = [t.writer.finish(manifest.frame) if state != "complete" else ActivationStore.open(t.writer.path)
+            for t, state in zip(targets, states)]
+    return Captured(tuple(done), rows, out, forwarded)
+
+
 def extract(
     model,
     data,
@@ -292,35 +422,9 @@ def extract(
     -------
     ActivationStore
     """
-    model = load_model(model) if isinstance(model, str) else model
-    manifest = data if isinstance(data, Manifest) else Manifest.read(data)
-    layers = validate_layers(model.module, layers)
-    pool = parse_pool(pool)
-    dtype = _resolve_dtype(dtype, pool)
-    prep = model.preprocessing_for(manifest, preprocessing)
-    request = {
-        "model": model.spec,
-        "weights_hash": model.weights_hash,
-        "manifest": str(manifest.path),
-        "manifest_hash": manifest.content_hash(),
-        "layers": layers,
-        "pool": pool,
-        "dtype": dtype,
-        "preprocessing": prep.to_dict(),
-        "version": __version__,
-    }
-    writer = StoreWriter(Path(out), request, len(manifest))
-    state = writer.existing()
-    if state == "complete":
-        logger.info("activation store %s is complete for this request: reusing it", out)
-        return ActivationStore.open(out)
-    start = writer.rows_completed
-    batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
-                          rows=range(start, len(manifest)))
-    write_batches(model, batches, layers, writer, pool, dtype, observers=observers, progress=progress)
-    if batches.skipped:
-        logger.warning("skipped %d unreadable images (listed in %s/meta.json)", len(batches.skipped), out)
-    return writer.finish(manifest.frame)
+    (store,) = capture(model, data, [StoreRequest(out, layers, pool, dtype)], observers=observers, batch_size=batch_size,
+                       num_workers=num_workers, skip_bad=skip_bad, preprocessing=preprocessing, progress=progress).stores
+    return store
 
 
 def predict(model, data, batch_size=64, num_workers=0, skip_bad=False, preprocessing=None, progress=True):
@@ -339,17 +443,9 @@ def predict(model, data, batch_size=64, num_workers=0, skip_bad=False, preproces
         Manifest rows predicted (skipped images are missing).
     logits : ndarray of float32, shape (N, K)
     """
-    model, module, device = _model_and_device(model)
-    manifest = data if isinstance(data, Manifest) else Manifest.read(data)
-    prep = model.preprocessing_for(manifest, preprocessing)
-    batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
-    rows, logits = [], []
-    for r, x in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-        rows.append(r.numpy())
-        logits.append(_logits(module, x, device).numpy())
-    if not rows:
-        raise ConceptLensError(f"no readable image in {manifest.path}; nothing to predict")
-    return np.concatenate(rows), np.concatenate(logits)
+    got = capture(model, data, logits=True, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
+                  preprocessing=preprocessing, progress=progress)
+    return got.rows, got.logits
 
 
 def predict_tensor(model, x, batch_size=64):
@@ -378,25 +474,46 @@ def write_batches(model, batches, layers, writer, pool, dtype, observers=(), pro
     The extraction loop of :func:`extract`, usable with in-memory batches (benchmarks do). Skipped
     images are taken from ``batches.skipped`` when the source records them.
     """
+    _write_pass(model, batches, [_Target(writer, list(layers), pool, dtype)], observers, False, writer.rows_completed,
+                writer.n_manifest_rows, progress)
+
+
+def _write_pass(model, batches, targets, observers, logits, start, n_total, progress):
+    """The loop of :func:`capture`: returns ``(rows, logits, images forwarded)`` (``None`` logits
+    unless asked); every target's writer is left ready for ``finish``."""
     skipped = getattr(batches, "skipped", [])
-    n_total = writer.n_manifest_rows
     reported = 0
-    bar = tqdm(total=n_total, initial=writer.rows_completed, desc="extract", unit="img", disable=not progress)
+    bar = tqdm(total=n_total, initial=start, desc="extract" if targets else "predict", unit="img", disable=not progress)
     observers = list(observers)
 
     def keep(name, out):  # inside the forward hook: what each observer keeps of the map
         return [o.reduce(name, out) if hasattr(o, "reduce") else out.clone() for o in observers]
 
-    for rows, pooled, raw in iter_activations(model, batches, layers, pool, keep_raw=keep if observers else False):
+    views = {(i, n): (n, t.pool) for i, t in enumerate(targets) for n in t.layers}
+    layers = list(dict.fromkeys(n for t in targets for n in t.layers))
+    all_rows, all_logits, forwarded = [], [], 0
+    for rows, pooled, raw, out in _forward_batches(model, batches, layers, views, keep if observers else False, logits):
+        forwarded += len(rows)
         for i, observer in enumerate(observers):
             observer(rows, {n: r[i] for n, r in raw.items()})
-        if writer.meta is None:
-            writer.create({n: tuple(t.shape[1:]) for n, t in pooled.items()}, dtype)
-        arrays = {n: t.to("cpu", getattr(torch, dtype)).numpy() for n, t in pooled.items()}
-        writer.write(arrays, int(rows[-1]) + 1, skipped[reported:])
+        for i, t in enumerate(targets):
+            arrays = {n: pooled[(i, n)] for n in t.layers}
+            if t.writer.meta is None:
+                t.writer.create({n: tuple(a.shape[1:]) for n, a in arrays.items()}, t.dtype)
+            t.writer.write({n: a.to("cpu", getattr(torch, t.dtype)).numpy() for n, a in arrays.items()},
+                           int(rows[-1]) + 1, skipped[reported:])
         reported = len(skipped)
+        if logits:
+            all_rows.append(np.asarray(rows))
+            all_logits.append(out.cpu().numpy())
         bar.update(int(rows[-1]) + 1 - bar.n)
     bar.close()
-    if writer.meta is None:
-        raise ConceptLensError("no readable image in the data; nothing to extract")
-    writer.write({}, n_total, skipped[reported:])
+    for t in targets:
+        if t.writer.meta is None:
+            raise ConceptLensError("no readable image in the data; nothing to extract")
+        t.writer.write({}, n_total, skipped[reported:])
+    if not logits:
+        return None, None, forwarded
+    if not all_rows:
+        return np.zeros(0, dtype=np.int64), None, forwarded
+    return np.concatenate(all_rows), np.concatenate(all_logits), forwarded

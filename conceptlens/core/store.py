@@ -15,7 +15,6 @@ for the same reason, or :meth:`ActivationStore.array` for random access.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from .hashing import hash_json
 from ..errors import ConceptLensError
 
 __all__ = ["ActivationStore", "StoreWriter", "request_hash", "layer_filename"]
@@ -41,7 +41,7 @@ FORMAT = "conceptlens-activation-store-2"
 
 def request_hash(request):
     """Stable hash of a JSON-serialisable request description."""
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    return hash_json(request)
 
 
 def layer_filename(layer):
@@ -180,6 +180,11 @@ class StoreWriter:
         self._offsets = {layer: self._data_offset(layer) for layer in meta["layers"]}
         logger.info("resuming store %s at manifest row %d", self.path, meta["rows_completed"])
         return "resume"
+
+    def restart(self):
+        """Drop what an unfinished store holds, to rewrite it from the first row."""
+        self._remove_own_files(self.meta or {})
+        self.meta, self._offsets = None, {}
 
     def _remove_own_files(self, meta):
         for layer in meta.get("layers", []):

@@ -40,6 +40,7 @@ from ..data import Preprocessing
 from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from ..core.extract import extract
+from ..core.hashing import hash_json
 from ..core.topk import TopK
 from ..core.broden import BrodenSet, read_broden
 from .iou import RULES, IoUTally, label_batch, label_columns
@@ -56,10 +57,6 @@ _UNIT_COLUMNS = ["layer", "unit", "label", "category", "iou", "threshold", "inte
 
 def _safe(layer):
     return layer.replace("/", "_")
-
-
-def _hash(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -494,7 +491,7 @@ def dissect(
             thr[layer] = values
             methods[layer] = f"given ({thresholds if not isinstance(thresholds, dict) else 'array'})"
             continue
-        key = _hash([store.meta["hash"], layer, quantile, quantile_method, memory_budget, sketch_bins])
+        key = hash_json([store.meta["hash"], layer, quantile, quantile_method, memory_budget, sketch_bins])
         name = f"thresholds:{layer}"
         if stages.finished(name, key):
             thr[layer] = np.load(work / f"thresholds_{_safe(layer)}.npy")
@@ -515,8 +512,8 @@ def dissect(
     # 3. tally (masks decoded once per image, all layers in lockstep)
     t0 = time.perf_counter()
     columns = label_columns(broden, rule)
-    broden_hash = broden.content_hash()  # CSVs and every mask file (path, size, mtime): an edited mask re-tallies
-    tally_key = _hash([store.meta["hash"], broden_hash, rule, top_k,
+    broden_hash = broden.content_hash()  # CSVs and every mask file's contents: an edited mask re-tallies
+    tally_key = hash_json([store.meta["hash"], broden_hash, rule, top_k,
                        {l: hashlib.sha256(thr[l].tobytes()).hexdigest() for l in layers}])
     tallies = {}
     if stages.finished("tally", tally_key):

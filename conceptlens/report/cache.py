@@ -8,30 +8,17 @@ that looks complete.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 from .. import __version__
+from ..core.hashing import hash_json
 
-__all__ = ["ResultCache", "fingerprint"]
+__all__ = ["ResultCache"]
 
 logger = logging.getLogger(__name__)
-
-
-def fingerprint(path):
-    """Cheap content fingerprint of a file or directory tree: relative paths, sizes and mtimes."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        st = p.stat()
-        rel = p.name if p == path else p.relative_to(path).as_posix()
-        h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 class ResultCache:
@@ -46,8 +33,7 @@ class ResultCache:
         self.root = Path(root)
 
     def key(self, **inputs):
-        inputs = dict(inputs, conceptlens_version=__version__)
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return hash_json(dict(inputs, conceptlens_version=__version__))[:20]
 
     def get(self, name, key, compute, load):
         target = self.root / f"{name}-{key}"

@@ -10,9 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from ..core.extract import predict
-
-__all__ = ["Overview", "compute_overview"]
+__all__ = ["Overview", "overview_from_logits"]
 
 
 @dataclass(frozen=True)
@@ -74,9 +72,9 @@ class Overview:
         return cls(predictions=frame, classes=info["classes"], meta=info["meta"])
 
 
-def compute_overview(model, manifest, batch_size=64, progress=True):
-    """Run the model over ``manifest`` once and tabulate its predictions."""
-    rows, logits = predict(model, manifest, batch_size=batch_size, progress=progress)
+def overview_from_logits(model, manifest, rows, logits):
+    """Tabulate the model's predictions from its logits ``[N, K]`` on manifest ``rows`` (the report's
+    capture pass)."""
     classes = list(model.classes) if model.classes else [str(i) for i in range(logits.shape[1])]
     z = logits - logits.max(axis=1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)

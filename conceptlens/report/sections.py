@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .cache import fingerprint
+from ..core.hashing import hash_tree
 from .plots import confusion_plot, depth_plot, grouped_bars, heatmap_scale, scatter_plot
 from .render import image_block, table_block
 
@@ -25,14 +25,55 @@ def _wants(spec, *sections):
     return any(s in spec.sections for s in sections)
 
 
+# --------------------------------------------------------------------------- the capture pass
+
+TOPK = 8  # images kept per channel for the max-activation gallery
+LAYOUT_POOL = "adaptive:4"  # features of the near-duplicate search
+
+
+
+def _wants_representation(spec):
+    return _wants(spec, "layers", "dataset") or bool(spec.audit_not_decodable)
+
+
+def stage_capture(run, results):
+    """One pass over the manifest for all the report captures of it: the overview's logits, the
+    mean-pooled store of the spec's layers with the top-k images per channel, and the layout store
+    of the near-duplicate search (an early layer pooled to a grid, which mean-pooled deep features
+    do not keep)."""
+    from ..core import ActivationStore, StoreRequest, TopK, capture
+    from ..representation._common import store_provenance
+    from ..representation.topk import TopKResult
+    from .overview import Overview, overview_from_logits
+
+    spec = run.spec
+    layers = list(spec.layers) if _wants_representation(spec) else []
+    layout = [spec.duplicate_layer or spec.layers[0]] if _wants(spec, "dataset") else []
+
+    def compute(d):
+        requests = [StoreRequest(d / "store", layers, "mean")] if layers else []
+        requests += [StoreRequest(d / "layout", layout, LAYOUT_POOL)] if layout else []
+        top = TopK(TOPK, "max", layers=layers)
+        got = capture(run.model, run.manifest, requests, logits=True, observers=[top] if layers else [],
+                      batch_size=spec.batch_size, progress=run.progress)
+        overview_from_logits(run.model, run.manifest, got.rows, got.logits).save(d / "overview")
+        if layers:
+            prov = {**store_provenance(got.stores[0]), "preprocessing": run.model.preprocessing_for(run.manifest).to_dict()}
+            TopKResult.from_accumulator(top, run.manifest, {"layers": layers, "source": "extraction"}, prov).save(d / "topk")
+
+    def load(d):
+        out = {"overview": Overview.load(d / "overview")}
+        if layers:
+            out.update(topk=TopKResult.load(d / "topk"), store=ActivationStore.open(d / "store"))
+        if layout:
+            out["layout"] = ActivationStore.open(d / "layout")
+        return out
+
+    got = run.stage("capture", {"layers": layers, "k": TOPK, "layout": layout, "layout_pool": LAYOUT_POOL}, compute, load)
+    return {"overview": got["overview"], "_capture": got}
+
+
 # --------------------------------------------------------------------------- overview
-
-def stage_overview(run, results):
-    from .overview import Overview, compute_overview
-
-    return {"overview": run.stage(
-        "overview", {}, lambda d: compute_overview(run.model, run.manifest, run.spec.batch_size, run.progress).save(d),
-        Overview.load)}
 
 
 def section_overview(page, spec, results):
@@ -74,8 +115,8 @@ def stage_tcav(run, results):
         if cls not in classes:
             classes.append(cls)
     # The CLI's defaults and all of each class's inputs, so the report and `conceptlens tcav` agree.
-    params = {"layers": layers, "classes": classes, "runs": spec.tcav_runs, "concepts": fingerprint(spec.concepts),
-              "names": spec.concept_names, "random": fingerprint(spec.random_pool)}
+    params = {"layers": layers, "classes": classes, "runs": spec.tcav_runs, "concepts": hash_tree(spec.concepts),
+              "names": spec.concept_names, "random": hash_tree(spec.random_pool)}
 
     def compute(d):
         tcav = TCAV(run.model, layers, runs=spec.tcav_runs, seed=spec.seed, batch_size=spec.batch_size,
@@ -152,7 +193,7 @@ def stage_dissection(run, results):
     def compute(d):
         dissect(run.model, spec.broden, layers, d, batch_size=spec.batch_size, progress=run.progress)
 
-    params = {"layers": layers, "broden": fingerprint(spec.broden)}
+    params = {"layers": layers, "broden": hash_tree(spec.broden)}
     return {"dissection": run.stage("dissection", params, compute, DissectionResult.load)}
 
 
@@ -230,32 +271,21 @@ def section_audits(page, spec, results):
 
 # --------------------------------------------------------------------------- layers (representation)
 
-TOPK = 8  # images kept per channel for the max-activation gallery
-LAYOUT_POOL = "adaptive:4"  # features of the near-duplicate search
 
 
 def stage_representation(run, results):
-    """One extraction pass (mean-pooled store + top-k images per channel), then probes, embedding, k-NN."""
+    """Probes, embedding and k-NN on the capture pass's stores (top-k images came with it)."""
     spec = run.spec
-    if not (_wants(spec, "layers", "dataset") or spec.audit_not_decodable):
+    if not _wants_representation(spec):
         return {}
-    from ..core import ActivationStore, extract
     from ..representation.embed import Embedding, embed
     from ..representation.neighbors import NeighborResult, neighbors
-    from ..representation.probes import ProbeResult, probe
-    from ..representation.topk import TopKResult, topk
+    from ..representation.probes import ProbeResult
 
     layers = list(spec.layers)
-
-    def compute_acts(d):
-        topk(run.model, run.manifest, layers, k=TOPK, store=d / "store", pool="mean",
-             batch_size=spec.batch_size, progress=run.progress).save(d / "topk")
-
-    def load_acts(d):
-        return TopKResult.load(d / "topk"), ActivationStore.open(d / "store")
-
-    top, store = run.stage("activations", {"layers": layers, "k": TOPK}, compute_acts, load_acts)
-    out = {"topk": top}
+    captured = results["_capture"]
+    store = captured["store"]
+    out = {"topk": captured["topk"]}
     targets = list(spec.probe_targets) if spec.probe_targets is not None else _default_targets(run.manifest)
     targets += [t for t in spec.audit_not_decodable if t not in targets]
     if targets:
@@ -270,13 +300,10 @@ def stage_representation(run, results):
         out["neighbors"] = run.stage(
             "neighbors", {"layer": layers[-1], "duplicates": False},
             lambda d: neighbors(store, layers[-1], label_column=label_column, duplicates=False).save(d), NeighborResult.load)
-        # Near-duplicates are copies up to noise and small shifts: compare layouts (an early layer pooled to
-        # a 4x4 grid), which mean-pooled deep features do not keep. A second, early-stopped pass.
+        # Near-duplicates are copies up to noise and small shifts: compare layouts (the capture's grid-pooled
+        # early layer), which mean-pooled deep features do not keep.
         dup_layer = spec.duplicate_layer or layers[0]
-        layout = run.stage("layout", {"layer": dup_layer, "pool": LAYOUT_POOL},
-                           lambda d: extract(run.model, run.manifest, [dup_layer], d / "store", pool=LAYOUT_POOL,
-                                             batch_size=spec.batch_size, progress=run.progress),
-                           lambda d: ActivationStore.open(d / "store"))
+        layout = captured["layout"]
         out["duplicates"] = run.stage(
             "duplicates", {"layer": dup_layer, "pool": LAYOUT_POOL, "threshold": spec.duplicate_threshold},
             lambda d: neighbors(layout, dup_layer, label_column=None, duplicate_threshold=spec.duplicate_threshold).save(d),
@@ -601,7 +628,7 @@ def section_dataset(page, spec, results):
                  skipped=None if blocks else "no SpRAy classes (set [drilldown] spray_classes or [audits] insensitive)")
 
 
-STAGES = [stage_overview, stage_tcav, stage_dissection, stage_representation, stage_drilldown, stage_audit_drilldown,
+STAGES = [stage_capture, stage_tcav, stage_dissection, stage_representation, stage_drilldown, stage_audit_drilldown,
           stage_spray]
 
 SECTION_BUILDERS = {

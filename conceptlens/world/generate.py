@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..core.broden import BrodenRecord, write_broden
+from ..core.hashing import hash_tree
 from ..errors import ConceptLensError, did_you_mean
 from . import shapes as S
 
@@ -456,15 +456,6 @@ def _broden_records(cfg, specs, table, bar):
                            annotations=ann, pixels=image)
 
 
-def _tree_hash(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
-        if p.is_file() and p.name != "world.json":
-            h.update(p.relative_to(root).as_posix().encode() + b"\0")
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def _write(cfg, root, progress):
     preset = PRESETS[cfg.preset]
     classes = tuple(preset["classes"])
@@ -539,7 +530,7 @@ def _write(cfg, root, progress):
             "near_duplicates": cfg.near_duplicates,
         },
         "broden_labels": table,
-        "content_hash": _tree_hash(root),
+        "content_hash": hash_tree(root, exclude={"world.json"}),
     }
     (root / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
