@@ -136,7 +136,7 @@ def main():
     # IoU phase vs the loop reference on the same stored activations and thresholds
     m = min(args.loop_images, n)
     b = read_broden(broden)
-    store = ActivationStore.open(result.provenance["store"])
+    store = ActivationStore.open(result.provenance["store"]["path"])
     maps = store.load(LAYER, rows=np.arange(m))
     thr = result.thresholds[LAYER]
     t0 = time.perf_counter()

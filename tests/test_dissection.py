@@ -51,7 +51,7 @@ def test_planted_detectors_get_their_labels(world_dir, tmp_path):
 
 
 def test_thresholds_and_iou_equal_loop_reference(demo_result, demo_model, world_dir, caplog):
-    store = ActivationStore.open(demo_result.provenance["store"])
+    store = ActivationStore.open(demo_result.provenance["store"]["path"])
     broden = read_broden(world_dir / "broden")
     for layer in ("conv3", "conv4"):
         maps = store.load(layer)
@@ -130,12 +130,12 @@ def test_tally_recomputed_when_a_mask_changes(demo_model, tmp_path, caplog):
     edited = run()
     assert "IoU tally: reusing" not in caplog.text and "thresholds of conv2: reusing" in caplog.text
     broden = read_broden(root)
-    maps = ActivationStore.open(edited.provenance["store"]).load("conv2")
+    maps = ActivationStore.open(edited.provenance["store"]["path"]).load("conv2")
     ref = reference_iou(maps, edited.thresholds["conv2"], broden, "paper", edited.labels)
     np.testing.assert_allclose(edited.iou["conv2"], ref, rtol=1e-6, atol=1e-12)
     door = edited.labels.loc[(edited.labels["name"] == "door") & (edited.labels["category"] == "object"), "column"]
     assert not np.allclose(edited.iou["conv2"][:, door], first.iou["conv2"][:, door])
-    assert edited.provenance["broden_hash"] != first.provenance["broden_hash"]
+    assert edited.provenance["data_hash"] != first.provenance["data_hash"]
 
 
 def test_save_load_round_trip(demo_result, tmp_path):

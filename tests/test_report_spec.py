@@ -150,7 +150,7 @@ def test_overview_accuracy_and_confusion_match_sklearn():
     split = rng.choice(["train", "test"], 200)
     frame = pd.DataFrame({"manifest_row": range(200), "image": [f"{i}.png" for i in range(200)], "label": label,
                           "split": split, "predicted": pred, "confidence": 1.0})
-    ov = Overview(predictions=frame, classes=classes, meta={})
+    ov = Overview(predictions=frame, classes=classes, provenance={})
     acc = ov.accuracy().set_index(["split", "class"])
     for s in ("train", "test"):
         m = split == s

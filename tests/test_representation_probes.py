@@ -222,7 +222,7 @@ def test_seeded_and_roundtrip(planted_store, tmp_path):
     a.save(tmp_path)
     back = ProbeResult.load(tmp_path)
     pd.testing.assert_frame_equal(back.table, a.table, check_dtype=False)
-    assert back.params == a.params and back.provenance["store_hash"] == planted_store.meta["hash"]
+    assert back.params == a.params and back.provenance["store"]["hash"] == planted_store.meta["hash"]
 
 
 def test_empty_cells_left_out(planted_store):

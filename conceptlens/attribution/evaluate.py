@@ -15,8 +15,8 @@ relevance inside the mask, Arras et al. 2022), relevance rank accuracy and the p
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConceptLensError
-from ._results import as_numpy, provenance, read_meta, write_meta
+from ..core.result import Result, provenance
+from ._results import as_numpy
 from .methods import _analysis_mode, _targets, _unwrap
 
 __all__ = ["PerturbationResult", "LocalizationResult", "region_perturbation", "localization", "BASELINES"]
@@ -37,7 +38,7 @@ _SCORES = ("logit", "probability")
 
 
 @dataclass(frozen=True)
-class PerturbationResult:
+class PerturbationResult(Result):
     """Region-perturbation curves and AOPC per method and order.
 
     Attributes
@@ -63,6 +64,8 @@ class PerturbationResult:
     params: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
 
+    KIND = "region_perturbation"
+
     def aopc(self):
         """Table ``method, order, aopc, aopc_sem`` (standard error over images)."""
         drop = self.curves[..., :1] - self.curves  # [M, O, N, L+1]
@@ -82,22 +85,16 @@ class PerturbationResult:
                 for k in range(len(self.fractions))]
         return pd.DataFrame(rows)
 
-    def save(self, directory):
-        """Write ``meta.json``, ``curves.npy`` ``[M, O, N, L+1]``, ``fractions.npy``, ``aopc.csv``, ``curves.csv``."""
-        d = write_meta(directory, "region_perturbation", {
-            "methods": list(self.methods), "orders": list(self.orders), "params": self.params,
-            "provenance": self.provenance,
-        })
+    def _write(self, d):
+        """``curves.npy`` ``[M, O, N, L+1]``, ``fractions.npy``, ``aopc.csv``, ``curves.csv``; then ``meta.json``."""
         np.save(d / "curves.npy", self.curves)
         np.save(d / "fractions.npy", self.fractions)
         self.aopc().to_csv(d / "aopc.csv", index=False)
         self.to_frame().to_csv(d / "curves.csv", index=False)
-        return d
+        return {"methods": list(self.methods), "orders": list(self.orders), "params": self.params}
 
     @classmethod
-    def load(cls, directory):
-        meta = read_meta(directory, "region_perturbation")
-        d = Path(directory)
+    def _read(cls, d, meta):
         return cls(tuple(meta["methods"]), tuple(meta["orders"]), np.load(d / "fractions.npy"),
                    np.load(d / "curves.npy"), meta["params"], meta["provenance"])
 
@@ -181,6 +178,8 @@ def region_perturbation(model, x, target, attributions, patch=8, steps=None, bas
     """
     from tqdm.auto import tqdm
 
+    t0 = time.perf_counter()
+
     attributions = _as_dict(attributions)
     orders = tuple(orders)
     bad = [o for o in orders if o not in _ORDERS] or ([] if orders else ["(none)"])
@@ -245,11 +244,13 @@ def region_perturbation(model, x, target, attributions, patch=8, steps=None, bas
     curves = curves.view(len(maps), len(orders), n, steps + 1).numpy()
     fractions = np.arange(steps + 1) / n_regions
     params = {"patch": patch, "steps": steps, "baseline": baseline, "score": score, "seed": seed}
-    return PerturbationResult(tuple(names), orders, fractions, curves, params, provenance(model))
+    return PerturbationResult(tuple(names), orders, fractions, curves, params,
+                              provenance(model, parameters={**params, "methods": list(names), "orders": list(orders)},
+                                         timings={"total": time.perf_counter() - t0}))
 
 
 @dataclass(frozen=True)
-class LocalizationResult:
+class LocalizationResult(Result):
     """Per-image localisation scores of attribution maps against ground-truth masks.
 
     Attributes
@@ -265,6 +266,8 @@ class LocalizationResult:
     params: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
 
+    KIND = "localization"
+
     def to_frame(self):
         return self.frame.copy()
 
@@ -272,16 +275,13 @@ class LocalizationResult:
         """Mean per method of each score."""
         return self.frame.drop(columns="index").groupby("method", sort=False).mean().reset_index()
 
-    def save(self, directory):
-        """Write ``meta.json`` and ``scores.csv``."""
-        d = write_meta(directory, "localization", {"params": self.params, "provenance": self.provenance})
+    def _write(self, d):  # scores.csv; then meta.json
         self.frame.to_csv(d / "scores.csv", index=False)
-        return d
+        return {"params": self.params}
 
     @classmethod
-    def load(cls, directory):
-        meta = read_meta(directory, "localization")
-        return cls(pd.read_csv(Path(directory) / "scores.csv"), meta["params"], meta["provenance"])
+    def _read(cls, d, meta):
+        return cls(pd.read_csv(d / "scores.csv"), meta["params"], meta["provenance"])
 
 
 def localization(attributions, masks, tolerance=0, provenance_info=None):
@@ -332,4 +332,5 @@ def localization(attributions, masks, tolerance=0, provenance_info=None):
             "rank_accuracy": rank_acc.numpy(), "pointing_hit": hit.numpy().astype(bool),
             "mask_fraction": area / m[0].size,
         }))
-    return LocalizationResult(pd.concat(frames, ignore_index=True), {"tolerance": tolerance}, dict(provenance_info or {}))
+    return LocalizationResult(pd.concat(frames, ignore_index=True), {"tolerance": tolerance},
+                              provenance(parameters={"tolerance": tolerance}, **(provenance_info or {})))

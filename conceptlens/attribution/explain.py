@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConceptLensError
-from ._results import provenance, read_meta, write_meta
+from ..core.result import Result, provenance
 from .methods import METHODS, attribute, check_method, method_info
 
 __all__ = ["Explanations", "explain", "heatmap_rgb"]
@@ -49,7 +49,7 @@ def _overlay(image, a, signed):
 
 
 @dataclass(frozen=True)
-class Explanations:
+class Explanations(Result):
     """Attribution maps of N images under M methods.
 
     Attributes
@@ -76,6 +76,8 @@ class Explanations:
     provenance: dict = field(default_factory=dict)
     skipped: tuple = ()
 
+    KIND = "explanations"
+
     def to_frame(self):
         """Per image and method: ``rows`` columns, ``method``, ``relevance_sum``, ``relevance_max``."""
         frames = []
@@ -87,14 +89,11 @@ class Explanations:
             frames.append(f)
         return pd.concat(frames, ignore_index=True)
 
-    def save(self, directory):
-        """Write ``meta.json``, ``index.json``, ``rows.csv``, ``images.npy``, ``maps/<method>.npy`` and
-        ``heatmaps/<method>/<i>.png`` + ``overlays/<method>/<i>.png`` (``i`` = position in ``rows``).
-
-        ``meta.json`` and ``index.json`` list the skipped images under ``skipped``."""
+    def _write(self, d):
+        """``index.json``, ``rows.csv``, ``images.npy``, ``maps/<method>.npy`` and
+        ``heatmaps/<method>/<i>.png`` + ``overlays/<method>/<i>.png`` (``i`` = position in ``rows``);
+        then ``meta.json``. ``meta.json`` and ``index.json`` list the skipped images under ``skipped``."""
         skipped = [dict(s) for s in self.skipped]
-        d = write_meta(directory, "explanations", {"methods": list(self.methods), "params": self.params,
-                                                   "provenance": self.provenance, "skipped": skipped})
         self.rows.to_csv(d / "rows.csv", index=False)
         np.save(d / "images.npy", self.images)
         (d / "maps").mkdir(exist_ok=True)
@@ -115,12 +114,10 @@ class Explanations:
                               "description": METHODS[m].description if m in METHODS else ""} for m in self.methods],
                  "images": entries, "skipped": skipped}
         (d / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return d
+        return {"methods": list(self.methods), "params": self.params, "skipped": skipped}
 
     @classmethod
-    def load(cls, directory):
-        meta = read_meta(directory, "explanations")
-        d = Path(directory)
+    def _read(cls, d, meta):
         maps = {m: np.load(d / "maps" / f"{m}.npy") for m in meta["methods"]}
         rows = pd.read_csv(d / "rows.csv", keep_default_na=False)
         return cls(tuple(meta["methods"]), maps, rows, np.load(d / "images.npy"), meta["params"], meta["provenance"],
@@ -161,6 +158,7 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     from ..data import Manifest, read_images
     from ..core.extract import predict_tensor
 
+    t0 = time.perf_counter()
     if isinstance(methods, str):
         methods = [s.strip() for s in methods.split(",") if s.strip()]
     methods = [method_info(m).name for m in methods]
@@ -204,7 +202,9 @@ def explain(model, manifest, methods, target=None, preprocessing=None, limit=Non
     mean = torch.tensor(prep.mean)[:, None, None]
     std = torch.tensor(prep.std)[:, None, None]
     images = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    info = provenance(model, manifest, preprocessing=prep.to_dict(), target=target)
+    info = provenance(model, manifest, parameters={"methods": list(methods), "target": target, "limit": limit,
+                                                   "method_params": {m: dict(method_params.get(m, {})) for m in methods}},
+                      preprocessing=prep.to_dict(), timings={"total": time.perf_counter() - t0})
     return Explanations(tuple(methods), maps, rows.reset_index(drop=True), images,
                         {m: dict(method_params.get(m, {})) for m in methods}, info,
                         tuple(s.to_dict() for s in read.skipped))

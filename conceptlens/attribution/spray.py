@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConceptLensError
-from ._results import as_numpy, provenance, read_meta, write_meta
+from ..core.result import Result, provenance
+from ._results import as_numpy
 
 __all__ = ["SprayResult", "spray", "spray_class", "prepare_maps"]
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SprayResult:
+class SprayResult(Result):
     """Clusters of explanation strategies.
 
     Attributes
@@ -67,6 +68,8 @@ class SprayResult:
     provenance: dict = field(default_factory=dict)
     skipped: tuple = ()
 
+    KIND = "spray"
+
     @property
     def eigengap(self):
         """``lambda_K - lambda_(K-1)``: the gap after the chosen number of clusters."""
@@ -95,24 +98,18 @@ class SprayResult:
         frame["is_medoid"] = np.isin(np.arange(len(frame)), self.medoids)
         return frame
 
-    def save(self, directory):
-        """Write ``meta.json`` (with the ``skipped`` images), ``assignments.csv`` (:meth:`to_frame`),
-        ``clusters.csv``, ``eigenvalues.npy``, ``embedding.npy``, ``prototypes.npy``, ``medoids.npy``, ``maps.npy``."""
-        d = write_meta(directory, "spray", {
-            "n_clusters": self.n_clusters, "eigengap": self.eigengap, "params": self.params,
-            "provenance": self.provenance, "row_columns": list(self.rows.columns),
-            "skipped": [dict(s) for s in self.skipped],
-        })
+    def _write(self, d):
+        """``assignments.csv`` (:meth:`to_frame`), ``clusters.csv``, ``eigenvalues.npy``, ``embedding.npy``,
+        ``prototypes.npy``, ``medoids.npy``, ``maps.npy``; then ``meta.json`` (with the ``skipped`` images)."""
         self.to_frame().to_csv(d / "assignments.csv", index=False)
         self.clusters().to_csv(d / "clusters.csv", index=False)
         for name in ("eigenvalues", "embedding", "prototypes", "medoids", "maps"):
             np.save(d / f"{name}.npy", getattr(self, name))
-        return d
+        return {"n_clusters": self.n_clusters, "eigengap": self.eigengap, "params": self.params,
+                "row_columns": list(self.rows.columns), "skipped": [dict(s) for s in self.skipped]}
 
     @classmethod
-    def load(cls, directory):
-        meta = read_meta(directory, "spray")
-        d = Path(directory)
+    def _read(cls, d, meta):
         frame = pd.read_csv(d / "assignments.csv", keep_default_na=False)
         arrays = {name: np.load(d / f"{name}.npy") for name in ("eigenvalues", "embedding", "prototypes", "medoids", "maps")}
         return cls(labels=frame["cluster"].to_numpy(), rows=frame[meta["row_columns"]], n_clusters=int(meta["n_clusters"]),
@@ -254,7 +251,7 @@ def spray(maps, n_clusters="auto", max_clusters=8, size=16, n_neighbors=10, abso
               "clustering": "sklearn SpectralClustering(assign_labels=kmeans)"}
     return SprayResult(labels=labels, rows=frame, eigenvalues=eig, n_clusters=k, embedding=embedding.astype(np.float32),
                        prototypes=prototypes.reshape(k, size, size).astype(np.float32), medoids=medoids,
-                       maps=small, params=params, provenance=dict(provenance_info or {}))
+                       maps=small, params=params, provenance=provenance(parameters=params, **(provenance_info or {})))
 
 
 def _check_params(n, n_clusters="auto", max_clusters=8, n_neighbors=10):
@@ -303,6 +300,7 @@ def spray_class(model, manifest, class_name, method="lrp-epsilon-plus-flat", pre
     from ..data import Manifest, read_images
     from .methods import attribute, check_method
 
+    t0 = time.perf_counter()
     check_method(model, method, **(method_params or {}))
     if not isinstance(manifest, Manifest):
         manifest = Manifest.read(manifest)
@@ -326,7 +324,8 @@ def spray_class(model, manifest, class_name, method="lrp-epsilon-plus-flat", pre
     maps = attribute(model, read.x, target, method, batch_size=batch_size, progress=progress, **(method_params or {}))
     rows = frame.iloc[read.rows].rename(columns={"image": "index"})
     rows.insert(1, "manifest_row", read.rows)
-    info = provenance(model, manifest, method=method, method_params=dict(method_params or {}),
-                      class_name=class_name, target=target, split=split, preprocessing=prep.to_dict())
-    result = spray(maps, rows=rows, provenance_info=info, **spray_kw)
-    return dataclasses.replace(result, skipped=tuple(s.to_dict() for s in read.skipped))
+    result = spray(maps, rows=rows, **spray_kw)
+    info = provenance(model, manifest, parameters={**result.params, "method": method, "method_params": dict(method_params or {}),
+                                                   "class_name": class_name, "split": split},
+                      preprocessing=prep.to_dict(), timings={"total": time.perf_counter() - t0}, target=target)
+    return dataclasses.replace(result, provenance=info, skipped=tuple(s.to_dict() for s in read.skipped))

@@ -15,7 +15,7 @@ import scipy.stats
 from ..core.corrections import CORRECTIONS, adjust_pvalues, benjamini_hochberg, holm
 from ..errors import ConceptLensError
 
-__all__ = ["two_sample_pvalues", "equivalence_test", "format_p", "holm", "benjamini_hochberg", "adjust_pvalues", "bootstrap_ci",
+__all__ = ["two_sample_pvalues", "equivalence_test", "format_p", "CORRECTIONS", "holm", "benjamini_hochberg", "adjust_pvalues", "bootstrap_ci",
            "mean_pairwise_cosine"]
 
 logger = logging.getLogger(__name__)

@@ -54,9 +54,9 @@ Designs (``design``):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,12 +66,12 @@ import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..data import Manifest, make_loader
 from ..errors import ConceptLensError, did_you_mean
 from ..models import load_model, validate_layers
 from ..core.extract import iter_activations, iter_gradients
 from ..core.hashing import hash_files
+from ..core.result import Result, provenance
 from . import stats
 from .cav import CAV_METHODS, fit_cavs
 
@@ -277,7 +277,7 @@ def _more_runs_fix(row, margin, alpha, m):
 # --------------------------------------------------------------------------- result
 
 @dataclass(frozen=True)
-class TCAVResult:
+class TCAVResult(Result):
     """TCAV scores with their significance, CAV quality and provenance.
 
     Attributes
@@ -318,6 +318,8 @@ class TCAVResult:
     inputs: pd.DataFrame = field(repr=False)
     provenance: dict = field(repr=False)
     skipped: tuple = ()
+
+    KIND, META = "tcav", "provenance.json"
 
     def to_frame(self):
         """The table, one row per (concept, layer, class): ``score_mean`` (mean over runs of the
@@ -448,11 +450,10 @@ class TCAVResult:
             derivative=s.mean(axis=1), positive_runs=(s > 0).mean(axis=1))
         return frame.sort_values("derivative", ascending=False, kind="stable").head(int(k)).reset_index(drop=True)
 
-    def save(self, directory):
-        """Write ``tcav.csv``, ``runs.csv``, ``cavs.csv``, ``sets.csv``, ``inputs.csv``, ``provenance.json``,
-        ``derivatives/<k>.npy`` (indexed by ``derivatives.csv``: ``layer, class, file``) and
-        ``cav_vectors/<k>.npy`` (indexed by ``cav_vectors.csv``: ``layer, file``)."""
-        d = Path(directory)
+    def _write(self, d):
+        """``tcav.csv``, ``runs.csv``, ``cavs.csv``, ``sets.csv``, ``inputs.csv``, ``derivatives/<k>.npy``
+        (indexed by ``derivatives.csv``: ``layer, class, file``) and ``cav_vectors/<k>.npy`` (indexed by
+        ``cav_vectors.csv``: ``layer, file``); then ``provenance.json`` (with the skipped images)."""
         (d / "derivatives").mkdir(parents=True, exist_ok=True)
         for name, frame in (("tcav", self.table), ("runs", self.runs), ("cavs", self.cavs), ("inputs", self.inputs), ("sets", self.sets)):
             frame.to_csv(d / f"{name}.csv", index=False)
@@ -468,20 +469,13 @@ class TCAVResult:
             np.save(d / f"cav_vectors/{k:03d}.npy", arr)
             vindex.append({"layer": layer, "file": f"cav_vectors/{k:03d}.npy"})
         pd.DataFrame(vindex, columns=["layer", "file"]).to_csv(d / "cav_vectors.csv", index=False)
-        (d / "provenance.json").write_text(json.dumps({**self.provenance, "skipped": list(self.skipped)}, indent=2, sort_keys=True))
-        return d
+        return {"skipped": list(self.skipped)}
 
     @classmethod
-    def load(cls, directory):
-        """Read a result written by :meth:`save`."""
-        d = Path(directory)
-        if not (d / "tcav.csv").is_file() or not (d / "provenance.json").is_file():
-            raise ConceptLensError(f"{d} holds no TCAV result (tcav.csv and provenance.json); write one with TCAVResult.save or `conceptlens tcav`")
+    def _read(cls, d, meta):
         str_cols = {"concept": str, "layer": str, "class": str}
         index = pd.read_csv(d / "derivatives.csv", dtype=str, keep_default_na=False)
         vindex = pd.read_csv(d / "cav_vectors.csv", dtype=str, keep_default_na=False)
-        provenance = json.loads((d / "provenance.json").read_text())
-        skipped = provenance.pop("skipped", [])
         return cls(
             table=pd.read_csv(d / "tcav.csv", dtype={**str_cols, "direction": str, "gate": str}, keep_default_na=False,
                               na_values={"p_adjusted": [""]}),
@@ -491,8 +485,8 @@ class TCAVResult:
             cav_vectors={r.layer: np.load(d / r.file) for r in vindex.itertuples()},
             sets=pd.read_csv(d / "sets.csv", dtype=str, keep_default_na=False),
             inputs=pd.read_csv(d / "inputs.csv", dtype={"class": str, "image": str}, keep_default_na=False),
-            provenance=provenance,
-            skipped=tuple(skipped),
+            provenance=meta["provenance"],
+            skipped=tuple(meta.get("skipped", ())),
         )
 
 
@@ -631,6 +625,7 @@ class TCAV:
         -------
         TCAVResult
         """
+        t0 = time.perf_counter()
         self._validate()
         model = load_model(self.model) if isinstance(self.model, str) else self.model
         layers = validate_layers(model.module, self.layers)
@@ -695,49 +690,47 @@ class TCAV:
             names, acts, kept_paths, row_of, parts, counters, null_pos, null_neg, runs, layers,
             [name for name, *_ in class_inputs], derivatives, rng)
         inputs = derivative_state["inputs"]
-        provenance = {
-            **self._provenance_core(runs, m, fitted),
-            "model": model.spec,
-            "weights_hash": model.weights_hash,
-            "layers": layers,
-            "classes": {name: int(idx) for name, idx, _, _ in class_inputs},
-            "data": {"manifest": str(manifest.path), "manifest_hash": manifest.content_hash(), "split": split,
-                     "max_inputs": max_inputs, "n_inputs": {k: int(v) for k, v in inputs.groupby("class").size().items()}},
-            "concepts": {c: {"n_images": len(sets[c]), "n_read": int((row_of[c] >= 0).sum()), "hash": hash_files(sets[c])} for c in names},
-            "random_pool": {"source": str(random_pool) if isinstance(random_pool, (str, os.PathLike)) else "paths",
-                            "n_images": len(pool), "n_read": int((row_of[NULL] >= 0).sum()), "hash": hash_files(pool)},
-            "preprocessing": prep.to_dict(),
-        }
+        prov = provenance(
+            model, manifest, parameters=self._parameters(runs, m), preprocessing=prep.to_dict(),
+            timings={"total": time.perf_counter() - t0},
+            methods=self._methods(fitted),
+            layers=layers,
+            classes={name: int(idx) for name, idx, _, _ in class_inputs},
+            class_inputs={"split": split, "max_inputs": max_inputs,
+                          "n_inputs": {k: int(v) for k, v in inputs.groupby("class").size().items()}},
+            concepts={c: {"n_images": len(sets[c]), "n_read": int((row_of[c] >= 0).sum()), "hash": hash_files(sets[c])} for c in names},
+            random_pool={"source": str(random_pool) if isinstance(random_pool, (str, os.PathLike)) else "paths",
+                         "n_images": len(pool), "n_read": int((row_of[NULL] >= 0).sum()), "hash": hash_files(pool)},
+        )
         return TCAVResult(table=table, runs=runs_frame, derivatives=derivs, cavs=cav_frame,
                           cav_vectors={k: f.vectors for k, f in fitted.items()}, sets=sets_frame, inputs=inputs,
-                          provenance=provenance, skipped=tuple(skipped + derivative_state["skipped"]))
+                          provenance=prov, skipped=tuple(skipped + derivative_state["skipped"]))
 
-    def _provenance_core(self, runs, m, fitted):
+    def _parameters(self, runs, m):
+        return {"method": self.method, "pool": self.pool, "design": self.design, "runs": int(runs),
+                "runs_requested": self.runs, "null_runs": int(self.null_runs), "concept_size": int(m),
+                "random_size": int(m), "test": self.test, "correction": self.correction, "alpha": self.alpha,
+                "margin": self.margin, "gate_quantile": self.gate_quantile, "n_bootstrap": self.n_bootstrap,
+                "n_permutations": self.n_permutations, "cv_folds": self.cv_folds,
+                "cav_alpha": self.cav_alpha, "seed": self.seed}
+
+    def _methods(self, fitted):
         return {
-            "library": f"conceptlens {__version__}",
-            "parameters": {"method": self.method, "pool": self.pool, "design": self.design, "runs": int(runs),
-                           "runs_requested": self.runs, "null_runs": int(self.null_runs), "concept_size": int(m),
-                           "random_size": int(m), "test": self.test, "correction": self.correction, "alpha": self.alpha,
-                           "margin": self.margin, "gate_quantile": self.gate_quantile, "n_bootstrap": self.n_bootstrap,
-                           "n_permutations": self.n_permutations, "cv_folds": self.cv_folds,
-                           "cav_alpha": self.cav_alpha, "seed": self.seed},
-            "methods": {
-                "cav": next(iter(fitted.values())).method,
-                "score": "fraction of class inputs with d logit_k/d f_l(x) . v > 0 (explicit class logit k, unit CAV v)",
-                "magnitude": "sum of positive S / sum of |S| over class inputs",
-                "test": {"mannwhitney": "two-sided Mann-Whitney U (scipy.stats.mannwhitneyu, asymptotic, tie-corrected)",
-                         "welch": "two-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False)",
-                         "permutation": f"two-sided permutation test of the Welch statistic ({self.n_permutations} resamples)"}[self.test],
-                "null": f"{self.null_runs} random-vs-random CAVs: pseudo-concepts of random-pool images against disjoint random sets",
-                "gate": f"pooled held-out CAV accuracy > the {self.gate_quantile:g} quantile of the pooled accuracy of random "
-                        "groups of as many null CAVs",
-                "correction": {"holm": "Holm step-down (FWER)", "bh": "Benjamini-Hochberg (FDR)", "none": "none"}[self.correction],
-                "equivalence": f"TOST (two one-sided Welch t-tests) of |score - null| < {self.margin:g} at level {self.alpha:g}",
-                "audit": "fail: Holm over the audit's gated tests < alpha; pass: equivalence at every gated layer; else inconclusive",
-                "ci": f"percentile bootstrap of the mean run score ({self.n_bootstrap} resamples, 95 %)",
-                "stability": "mean pairwise cosine of the concept's CAVs across runs",
-                "accuracy": f"cross-fitted ({self.cv_folds} stratified folds at most), CAV fitted on all examples",
-            },
+            "cav": next(iter(fitted.values())).method,
+            "score": "fraction of class inputs with d logit_k/d f_l(x) . v > 0 (explicit class logit k, unit CAV v)",
+            "magnitude": "sum of positive S / sum of |S| over class inputs",
+            "test": {"mannwhitney": "two-sided Mann-Whitney U (scipy.stats.mannwhitneyu, asymptotic, tie-corrected)",
+                     "welch": "two-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False)",
+                     "permutation": f"two-sided permutation test of the Welch statistic ({self.n_permutations} resamples)"}[self.test],
+            "null": f"{self.null_runs} random-vs-random CAVs: pseudo-concepts of random-pool images against disjoint random sets",
+            "gate": f"pooled held-out CAV accuracy > the {self.gate_quantile:g} quantile of the pooled accuracy of random "
+                    "groups of as many null CAVs",
+            "correction": {"holm": "Holm step-down (FWER)", "bh": "Benjamini-Hochberg (FDR)", "none": "none"}[self.correction],
+            "equivalence": f"TOST (two one-sided Welch t-tests) of |score - null| < {self.margin:g} at level {self.alpha:g}",
+            "audit": "fail: Holm over the audit's gated tests < alpha; pass: equivalence at every gated layer; else inconclusive",
+            "ci": f"percentile bootstrap of the mean run score ({self.n_bootstrap} resamples, 95 %)",
+            "stability": "mean pairwise cosine of the concept's CAVs across runs",
+            "accuracy": f"cross-fitted ({self.cv_folds} stratified folds at most), CAV fitted on all examples",
         }
 
     def run_arrays(self, concept_activations, pool_activations, gradients):
@@ -758,6 +751,7 @@ class TCAV:
         -------
         TCAVResult
         """
+        t0 = time.perf_counter()
         self._validate()
         rng = np.random.default_rng(self.seed)
         names = list(concept_activations)
@@ -778,11 +772,12 @@ class TCAV:
         images = [f"{c}:{i}" for c in names for i in range(sizes[c])] + [f"{NULL}:{i}" for i in range(pool_size)]
         table, runs_frame, cav_frame, sets_frame, derivs, fitted = self._experiment(
             names, acts, images, row_of, parts, counters, null_pos, null_neg, runs, layers, classes, derivatives, rng)
-        provenance = {**self._provenance_core(runs, m, fitted), "layers": layers, "inputs": "precomputed arrays (TCAV.run_arrays)"}
+        prov = provenance(parameters=self._parameters(runs, m), timings={"total": time.perf_counter() - t0},
+                          methods=self._methods(fitted), layers=layers, class_inputs="precomputed arrays (TCAV.run_arrays)")
         inputs = pd.DataFrame([{"class": str(k), "position": i, "row": i, "image": ""}
                                for k, g in gradients.items() for i in range(len(next(iter(g.values()))))])
         return TCAVResult(table=table, runs=runs_frame, derivatives=derivs, cavs=cav_frame,
-                          cav_vectors={k: f.vectors for k, f in fitted.items()}, sets=sets_frame, inputs=inputs, provenance=provenance)
+                          cav_vectors={k: f.vectors for k, f in fitted.items()}, sets=sets_frame, inputs=inputs, provenance=prov)
 
     def _experiment(self, names, acts, images, row_of, parts, counters, null_pos, null_neg, runs, layers, classes,
                     derivative_fn, rng):

@@ -35,12 +35,12 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..data import Preprocessing
 from ..errors import ConceptLensError
 from ..models import load_model, validate_layers
 from ..core.extract import extract
 from ..core.hashing import hash_json
+from ..core.result import Result, provenance
 from ..core.topk import TopK
 from ..core.broden import BrodenSet, read_broden
 from .iou import RULES, IoUTally, label_batch, label_columns
@@ -60,7 +60,7 @@ def _safe(layer):
 
 
 @dataclass(frozen=True)
-class DissectionResult:
+class DissectionResult(Result):
     """Network dissection of some layers of a model on a Broden-style concept set.
 
     Attributes
@@ -101,6 +101,8 @@ class DissectionResult:
     provenance: dict = field(repr=False)
     path: Path | None = None
 
+    KIND, META = "dissection", "result.json"
+
     @property
     def layers(self):
         return list(self.provenance["layers"])
@@ -116,14 +118,12 @@ class DissectionResult:
             return None
         return Path(self.path) / hit["path"].iat[0]
 
-    def save(self, directory):
-        """Write the result to ``directory`` (CSV, JSON, .npy; the PNGs are copied if elsewhere).
+    def _write(self, directory):
+        """CSV, .npy (and the PNGs, copied if elsewhere), then ``result.json`` (provenance).
 
-        Layout: ``result.json`` (provenance), ``units.csv``, ``summary.csv``, ``labels.csv``,
-        ``images.csv``, ``arrays/{iou,thresholds,top_rows,top_scores}_<layer>.npy``,
-        ``units/<layer>/unit_NNNN.png``.
+        Layout: ``units.csv``, ``summary.csv``, ``labels.csv``, ``images.csv``,
+        ``arrays/{iou,thresholds,top_rows,top_scores}_<layer>.npy``, ``units/<layer>/unit_NNNN.png``.
         """
-        directory = Path(directory)
         (directory / "arrays").mkdir(parents=True, exist_ok=True)
         self.units.to_csv(directory / "units.csv", index=False)
         self.summary.to_csv(directory / "summary.csv", index=False)
@@ -136,20 +136,12 @@ class DissectionResult:
             for rel in self.images["path"]:
                 (directory / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(self.path) / rel, directory / rel)
-        meta = {"format": RESULT_FORMAT, "provenance": self.provenance}
-        (directory / "result.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        return directory
+        return {"format": RESULT_FORMAT}
 
     @classmethod
-    def load(cls, directory):
-        """Read a result written by :meth:`save` (or by :func:`dissect`)."""
-        directory = Path(directory)
-        meta_path = directory / "result.json"
-        if not meta_path.is_file():
-            raise ConceptLensError(f"{directory} holds no dissection result (no result.json); run `conceptlens dissect`")
-        meta = json.loads(meta_path.read_text())
+    def _read(cls, directory, meta):
         if meta.get("format") != RESULT_FORMAT:
-            raise ConceptLensError(f"{meta_path} is not a {RESULT_FORMAT} result (format {meta.get('format')!r})")
+            raise ConceptLensError(f"{directory / cls.META} is not a {RESULT_FORMAT} result (format {meta.get('format')!r})")
         prov = meta["provenance"]
         arrays = {name: {layer: np.load(directory / "arrays" / f"{name}_{_safe(layer)}.npy", allow_pickle=False)
                          for layer in prov["layers"]}
@@ -563,23 +555,18 @@ def dissect(
     timings["render"] = time.perf_counter() - t0
     labels_frame = pd.DataFrame({"column": np.arange(len(columns)), "number": columns.number, "name": columns.name.astype(str),
                                  "category": [columns.categories[c] for c in columns.category]})
-    provenance = {
-        "model": model.spec,
-        "weights_hash": model.weights_hash,
-        "broden": str(broden.root.resolve()),
-        "broden_hash": broden_hash,
-        "data_hash": store.meta["request"]["manifest_hash"],
-        "store": str(store.path),
-        "layers": layers,
-        "categories": list(broden.categories),
-        "n_images": len(broden),
-        "parameters": {
+    prov = provenance(
+        model, store=store, preprocessing=prep.to_dict(), timings=timings,
+        parameters={
             "quantile": quantile, "iou_threshold": iou_threshold, "rule": rule, "top_k": top_k,
             "thresholds": None if thresholds is None else (str(thresholds) if not isinstance(thresholds, dict) else "array"),
-            "preprocessing": prep.to_dict(), "dtype": dtype, "batch_size": batch_size,
+            "dtype": dtype, "batch_size": batch_size,
             "quantile_method": quantile_method, "memory_budget": memory_budget, "sketch_bins": sketch_bins,
         },
-        "methods": {
+        layers=layers,
+        categories=list(broden.categories),
+        n_images=len(broden),
+        methods={
             "thresholds": methods,
             "upsample": "bilinear (torch's float32 arithmetic, align_corners=False) from the map to the sh x sw mask grid; "
                         "unit mask = up > T; maps never above T in an image skipped before upsampling, and within a map "
@@ -592,13 +579,12 @@ def dissect(
             "tally": "(unit masks x pixels) @ (pixels x labels) as a gather of the activated pixels' label columns and "
                      "one bincount per batch; image-level labels via (unit x image areas) @ (image x labels); int64 counts",
         },
-        "timings": timings,
-        "version": __version__,
-    }
+    )
+    prov.update(data=str(broden.root.resolve()), data_hash=broden_hash)  # the Broden set (the store's manifest is its index)
     images = pd.DataFrame(listing, columns=["layer", "unit", "path"])
     result = DissectionResult(units=units, summary=_summary(units, broden.categories), labels=labels_frame,
                               iou=ious, thresholds=thr, top_rows={l: tops[l][0] for l in layers},
                               top_scores={l: tops[l][1] for l in layers}, images=images,
-                              provenance=provenance, path=out)
+                              provenance=prov, path=out)
     result.save(out)
     return result

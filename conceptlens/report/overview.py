@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
+from ..core.result import Result, provenance
+
 __all__ = ["Overview", "overview_from_logits"]
 
 
 @dataclass(frozen=True)
-class Overview:
+class Overview(Result):
     """Predictions of the model on every manifest row, with its class names.
 
     Attributes
@@ -23,13 +23,15 @@ class Overview:
         ``manifest_row, image, label, split, predicted, confidence`` (one row per readable image).
     classes : list of str
         Logit order.
-    meta : dict
-        Model spec, weights hash, manifest path and hash.
+    provenance : dict
+        Model spec, weights hash, manifest path and hash, ``n_images`` (manifest rows).
     """
 
     predictions: pd.DataFrame = field(repr=False)
     classes: list
-    meta: dict
+    provenance: dict = field(repr=False)
+
+    KIND, META = "overview", "overview.json"
 
     def accuracy(self):
         """Accuracy per split and class (rows with a label that is a class of the model)."""
@@ -57,19 +59,15 @@ class Overview:
     def to_frame(self):
         return self.predictions.copy()
 
-    def save(self, directory):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def _write(self, directory):  # predictions.csv; overview.json
         self.predictions.to_csv(directory / "predictions.csv", index=False)
-        (directory / "overview.json").write_text(json.dumps({"classes": self.classes, "meta": self.meta}, indent=1) + "\n")
+        return {"classes": self.classes}
 
     @classmethod
-    def load(cls, directory):
-        directory = Path(directory)
-        info = json.loads((directory / "overview.json").read_text())
+    def _read(cls, directory, meta):
         frame = pd.read_csv(directory / "predictions.csv", keep_default_na=False,
                             dtype={"image": str, "label": str, "split": str, "predicted": str})
-        return cls(predictions=frame, classes=info["classes"], meta=info["meta"])
+        return cls(predictions=frame, classes=meta["classes"], provenance=meta["provenance"])
 
 
 def overview_from_logits(model, manifest, rows, logits):
@@ -87,6 +85,6 @@ def overview_from_logits(model, manifest, rows, logits):
         "predicted": np.asarray(classes)[logits.argmax(1)],
         "confidence": prob.max(1).round(6),
     })
-    meta = {"model": model.spec, "weights_hash": model.weights_hash, "manifest": str(manifest.path),
-            "manifest_hash": manifest.content_hash(), "n_images": len(manifest), "n_predicted": len(rows)}
-    return Overview(predictions=pred, classes=classes, meta=meta)
+    return Overview(predictions=pred, classes=classes,
+                    provenance=provenance(model, manifest, preprocessing=model.preprocessing_for(manifest).to_dict(),
+                                          n_images=len(manifest)))

@@ -8,6 +8,7 @@ Builders read only results, never analyzer internals.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def stage_capture(run, results):
     of the near-duplicate search (an early layer pooled to a grid, which mean-pooled deep features
     do not keep)."""
     from ..core import ActivationStore, StoreRequest, TopK, capture
-    from ..representation._common import store_provenance
+    from ..core.result import provenance
     from ..representation.topk import TopKResult
     from .overview import Overview, overview_from_logits
 
@@ -54,11 +55,13 @@ def stage_capture(run, results):
         requests = [StoreRequest(d / "store", layers, "mean")] if layers else []
         requests += [StoreRequest(d / "layout", layout, LAYOUT_POOL)] if layout else []
         top = TopK(TOPK, "max", layers=layers)
+        t0 = time.perf_counter()
         got = capture(run.model, run.manifest, requests, logits=True, observers=[top] if layers else [],
                       batch_size=spec.batch_size, progress=run.progress)
         overview_from_logits(run.model, run.manifest, got.rows, got.logits).save(d / "overview")
         if layers:
-            prov = {**store_provenance(got.stores[0]), "preprocessing": run.model.preprocessing_for(run.manifest).to_dict()}
+            prov = provenance(run.model, run.manifest, store=got.stores[0], parameters={"k": TOPK, "score": "max", "layers": layers},
+                              timings={"capture": time.perf_counter() - t0})
             TopKResult.from_accumulator(top, run.manifest, {"layers": layers, "source": "extraction"}, prov).save(d / "topk")
 
     def load(d):
@@ -78,8 +81,7 @@ def stage_capture(run, results):
 
 def section_overview(page, spec, results):
     ov = results["overview"]
-    meta = ov.meta
-    text = (f"{meta['n_predicted']} of {meta['n_images']} manifest images predicted; "
+    text = (f"{len(ov.predictions)} of {ov.provenance['n_images']} manifest images predicted; "
             f"classes: {', '.join(ov.classes)}.")
     blocks = [table_block(page, ov.accuracy(), "accuracy", "Accuracy per split and class", text)]
     splits = sorted(set(ov.predictions["split"]))

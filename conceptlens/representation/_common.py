@@ -1,19 +1,16 @@
 """Small utilities shared by the representation analyzers (probes, embed, neighbors, topk).
 
-Reading features and provenance from an :class:`~conceptlens.core.store.ActivationStore`,
-validating layer and column names, and writing results as CSV + JSON.
+Reading features from an :class:`~conceptlens.core.store.ActivationStore`, validating layer and
+column names, reading result tables back with their text columns intact.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import __version__
 from ..errors import ConceptLensError, did_you_mean
 from ..core.store import ActivationStore
 
@@ -67,50 +64,5 @@ def layer_features(store, layer):
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
 
 
-def store_provenance(store):
-    """What a result computed from ``store`` came from (model, weights, data, pooling, version)."""
-    req = store.meta["request"]
-    return {
-        "store": str(store.path),
-        "model": req.get("model"),
-        "weights_hash": req.get("weights_hash"),
-        "manifest": req.get("manifest"),
-        "manifest_hash": req.get("manifest_hash"),
-        "pool": req.get("pool"),
-        "dtype": store.meta.get("dtype"),
-        "store_hash": store.meta.get("hash"),
-        "n_rows": store.n_rows,
-        "version": __version__,
-    }
-
-
-def write_result(directory, tables, meta, arrays=None):
-    """Write ``{name: DataFrame}`` as ``name.csv``, ``meta`` as ``meta_name``, arrays as ``.npy``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, frame in tables.items():
-        frame.to_csv(directory / name, index=False)
-    for name, arr in (arrays or {}).items():
-        np.save(directory / name, np.asarray(arr), allow_pickle=False)
-    json_name, payload = meta
-    (directory / json_name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    return directory
-
-
-def read_json(directory, name, kind):
-    path = Path(directory) / name
-    if not path.is_file():
-        raise ConceptLensError(f"{directory} holds no {kind} result (no {name}); save one with .save(dir) first")
-    return json.loads(path.read_text())
-
-
 def read_csv(path):
     return pd.read_csv(path, keep_default_na=False, dtype=TEXT_COLUMNS)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

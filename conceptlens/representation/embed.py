@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,8 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import trustworthiness
 
 from ..errors import ConceptLensError
-from ._common import check_layers, layer_features, open_store, read_csv, read_json, store_provenance, write_result
+from ..core.result import Result, provenance
+from ._common import check_layers, layer_features, open_store, read_csv
 
 __all__ = ["Embedding", "embed", "embed_features"]
 
@@ -29,7 +31,7 @@ FFT_FROM = 10_000  # openTSNE's own switch from Barnes-Hut to FFT gradients
 
 
 @dataclass(frozen=True)
-class Embedding:
+class Embedding(Result):
     """2-D (or k-D) coordinates of every store row for one layer.
 
     Attributes
@@ -55,6 +57,8 @@ class Embedding:
     params: dict = field(repr=False)
     provenance: dict = field(repr=False)
 
+    KIND, META = "embedding", "embedding.json"
+
     def to_frame(self):
         """Store rows with the coordinates as columns ``x``, ``y`` (``z``, ``c3``, ... beyond 2-D)."""
         frame = self.rows.copy()
@@ -63,17 +67,14 @@ class Embedding:
             frame[names[j]] = self.coords[:, j]
         return frame
 
-    def save(self, directory):
-        """Write ``embedding.csv`` (rows + coordinates) and ``embedding.json``."""
-        meta = {"layer": self.layer, "method": self.method, "trustworthiness": self.trustworthiness,
-                "n_components": int(self.coords.shape[1]), "params": self.params, "provenance": self.provenance}
-        return write_result(directory, {"embedding.csv": self.to_frame()}, ("embedding.json", meta))
+    def _write(self, directory):  # embedding.csv (rows + coordinates); embedding.json
+        self.to_frame().to_csv(directory / "embedding.csv", index=False)
+        return {"layer": self.layer, "method": self.method, "trustworthiness": self.trustworthiness,
+                "n_components": int(self.coords.shape[1]), "params": self.params}
 
     @classmethod
-    def load(cls, directory):
-        """Read a result written by :meth:`save`."""
-        meta = read_json(directory, "embedding.json", "embedding")
-        frame = read_csv(f"{directory}/embedding.csv")
+    def _read(cls, directory, meta):
+        frame = read_csv(directory / "embedding.csv")
         k = meta["n_components"]
         names = (["x", "y", "z"] + [f"c{i}" for i in range(3, k)])[:k]
         return cls(coords=frame[names].to_numpy(np.float64), rows=frame.drop(columns=names), layer=meta["layer"],
@@ -213,6 +214,7 @@ def embed(store, layer=None, method="tsne", **params):
     if unknown:
         valid = [k for k in signature.parameters if k not in ("x", "method")]
         raise ConceptLensError(f"embed got unknown parameters {unknown}; valid: {', '.join(valid)}")
+    t0 = time.perf_counter()
     store = open_store(store)
     layer = check_layers(store, [layer] if layer is not None else store.layers[-1:], "layer")[0]
     x = layer_features(store, layer)
@@ -222,4 +224,5 @@ def embed(store, layer=None, method="tsne", **params):
     logger.info("embedding of %s: %s, trustworthiness %.3f", layer, desc, trust)
     recorded = {k: v for k, v in bound.arguments.items() if k != "x"}
     return Embedding(coords=coords, rows=store.rows, layer=layer, method=desc, trustworthiness=trust,
-                     params=recorded, provenance=store_provenance(store))
+                     params=recorded, provenance=provenance(store=store, parameters={**recorded, "layer": layer},
+                                                            timings={"total": time.perf_counter() - t0}))

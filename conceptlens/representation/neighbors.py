@@ -28,13 +28,15 @@ non-negative, so raw cosines of unrelated images crowd near 1 and a threshold se
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConceptLensError
-from ._common import TEXT_COLUMNS, check_column, check_layers, layer_features, open_store, read_csv, read_json, store_provenance, write_result
+from ..core.result import Result, provenance
+from ._common import TEXT_COLUMNS, check_column, check_layers, layer_features, open_store, read_csv
 
 __all__ = ["NeighborResult", "neighbors", "knn", "self_knn", "build_index", "label_votes", "label_probability",
            "duplicate_candidates"]
@@ -235,7 +237,7 @@ def _drop_self(inds, sims, k):
 
 
 @dataclass(frozen=True)
-class NeighborResult:
+class NeighborResult(Result):
     """k-NN graph of one layer, label-issue candidates and near-duplicate candidates.
 
     Attributes
@@ -279,6 +281,8 @@ class NeighborResult:
     params: dict = field(repr=False)
     provenance: dict = field(repr=False)
 
+    KIND, META = "neighbors", "neighbors.json"
+
     @property
     def leaks(self):
         """Near-duplicate candidates that cross splits (e.g. train/test): possible leaks of the training set."""
@@ -294,22 +298,18 @@ class NeighborResult:
             "similarity": self.similarities.ravel(),
         })
 
-    def save(self, directory):
-        """Write ``duplicates.csv``, ``label_issues.csv``, ``rows.csv``, ``knn_indices.npy``,
-        ``knn_similarities.npy``, ``label_probability.npy`` and ``neighbors.json``."""
-        meta = {"layer": self.layer, "index": self.index, "params": self.params, "provenance": self.provenance}
-        return write_result(
-            directory,
-            {"duplicates.csv": self.duplicates, "label_issues.csv": self.label_issues, "rows.csv": self.rows},
-            ("neighbors.json", meta),
-            {"knn_indices.npy": self.indices, "knn_similarities.npy": self.similarities,
-             "label_probability.npy": self.label_probability},
-        )
+    def _write(self, directory):
+        """``duplicates.csv``, ``label_issues.csv``, ``rows.csv``, ``knn_indices.npy``,
+        ``knn_similarities.npy``, ``label_probability.npy``; ``neighbors.json``."""
+        for name, frame in (("duplicates", self.duplicates), ("label_issues", self.label_issues), ("rows", self.rows)):
+            frame.to_csv(directory / f"{name}.csv", index=False)
+        for name, arr in (("knn_indices", self.indices), ("knn_similarities", self.similarities),
+                          ("label_probability", self.label_probability)):
+            np.save(directory / f"{name}.npy", np.asarray(arr), allow_pickle=False)
+        return {"layer": self.layer, "index": self.index, "params": self.params}
 
     @classmethod
-    def load(cls, directory):
-        """Read a result written by :meth:`save`."""
-        meta = read_json(directory, "neighbors.json", "neighbors")
+    def _read(cls, directory, meta):
         dups = pd.read_csv(f"{directory}/duplicates.csv", keep_default_na=False,
                            dtype={**TEXT_COLUMNS, "image_a": str, "image_b": str, "split_a": str, "split_b": str})
         dups["crosses_splits"] = dups["crosses_splits"].astype(str).str.lower() == "true"
@@ -501,6 +501,7 @@ def neighbors(
     -------
     NeighborResult
     """
+    t0 = time.perf_counter()
     store = open_store(store)
     layer = check_layers(store, [layer] if layer is not None else store.layers[-1:], "layer")[0]
     if duplicate_threshold is not None and not -1 <= duplicate_threshold <= 1:
@@ -573,4 +574,5 @@ def neighbors(
               "n_folds": n_folds, "seed": seed, "duplicate_ratio": duplicate_ratio, "duplicate_threshold": duplicate_threshold,
               "duplicate_rule": dup_rule if duplicates else "not searched", "median_nn_distance": median}
     return NeighborResult(indices=inds, similarities=sims, rows=rows, label_issues=issues, duplicates=dups,
-                          label_probability=p_label, layer=layer, index=index, params=params, provenance=store_provenance(store))
+                          label_probability=p_label, layer=layer, index=index, params=params,
+                          provenance=provenance(store=store, parameters=params, timings={"total": time.perf_counter() - t0}))

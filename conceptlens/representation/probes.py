@@ -29,6 +29,7 @@ margin at every layer (equivalence), otherwise ``inconclusive`` with what would 
 from __future__ import annotations
 
 import logging
+import time
 import math
 import warnings
 import zlib
@@ -44,7 +45,8 @@ from tqdm.auto import tqdm
 
 from ..core.corrections import holm
 from ..errors import ConceptLensError, did_you_mean
-from ._common import TEXT_COLUMNS, check_column, check_layers, layer_features, open_store, read_json, store_provenance, write_result
+from ..core.result import Result, provenance
+from ._common import TEXT_COLUMNS, check_column, check_layers, layer_features, open_store
 
 __all__ = ["ProbeResult", "probe", "fit_probe"]
 
@@ -63,7 +65,7 @@ RANDOM_INIT = "random-init copy"
 
 
 @dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(Result):
     """Probe accuracies per (layer, target), with their baselines.
 
     Attributes
@@ -91,6 +93,8 @@ class ProbeResult:
     table: pd.DataFrame = field(repr=False)
     params: dict
     provenance: dict = field(repr=False)
+
+    KIND, META = "probe", "probes.json"
 
     def to_frame(self):
         """The probe table as a DataFrame (a copy)."""
@@ -153,15 +157,13 @@ class ProbeResult:
         return pd.DataFrame(rows, columns=["target", "layers", "verdict", "decodable_layers", "layer", "selectivity",
                                            "selectivity_ci_low", "selectivity_ci_high", "p_adjusted", "margin", "alpha", "evidence"])
 
-    def save(self, directory):
-        """Write ``probes.csv`` and ``probes.json`` (params and provenance) into ``directory``."""
-        return write_result(directory, {"probes.csv": self.table}, ("probes.json", {"params": self.params, "provenance": self.provenance}))
+    def _write(self, directory):  # probes.csv; probes.json holds params and provenance
+        self.table.to_csv(directory / "probes.csv", index=False)
+        return {"params": self.params}
 
     @classmethod
-    def load(cls, directory):
-        """Read a result written by :meth:`save`."""
-        meta = read_json(directory, "probes.json", "probe")
-        table = pd.read_csv(f"{directory}/probes.csv", keep_default_na=False,
+    def _read(cls, directory, meta):
+        table = pd.read_csv(directory / "probes.csv", keep_default_na=False,
                             dtype={**TEXT_COLUMNS, "baseline": str, "pixel_layer": str})
         table["decodable"] = table["decodable"].astype(str).str.lower() == "true"
         for col in COLUMNS:
@@ -382,6 +384,7 @@ def probe(
     -------
     ProbeResult
     """
+    t0 = time.perf_counter()
     store = open_store(store)
     layers = check_layers(store, layers)
     targets = [targets] if isinstance(targets, str) else list(targets)
@@ -455,10 +458,10 @@ def probe(
         "seed": seed,
         "layer_shapes": {layer: list(store.shape(layer)) for layer in layers},
     }
-    provenance = {**store_provenance(store),
-                  "baseline": store_provenance(baseline) if baseline is not None else None,
-                  "pixels": store_provenance(pixels) if pixels is not None else None}
-    return ProbeResult(table=pd.DataFrame.from_records(records, columns=COLUMNS), params=params, provenance=provenance)
+    prov = provenance(store=store, parameters=params, timings={"total": time.perf_counter() - t0},
+                      baseline=provenance(store=baseline) if baseline is not None else None,
+                      pixels=provenance(store=pixels) if pixels is not None else None)
+    return ProbeResult(table=pd.DataFrame.from_records(records, columns=COLUMNS), params=params, provenance=prov)
 
 
 def _one(x, xb, xp, pixel_layer, y, train, layer, target, C, max_iter, n_permutations, n_bootstrap, confidence, seed):

@@ -8,6 +8,7 @@ The ranking is the core's :class:`~conceptlens.core.topk.TopK` accumulator, run 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,8 @@ from ..errors import ConceptLensError
 from ..models import load_model
 from ..core.extract import extract, iter_activations
 from ..core.topk import TopK
-from ._common import check_layers, open_store, read_csv, read_json, store_provenance, write_result
+from ..core.result import Result, provenance
+from ._common import check_layers, open_store, read_csv
 
 __all__ = ["TopK", "TopKResult", "topk", "topk_from_store"]
 
@@ -32,7 +34,7 @@ COLUMNS = ["layer", "channel", "rank", "manifest_row", "image", "label", "score"
 
 
 @dataclass(frozen=True)
-class TopKResult:
+class TopKResult(Result):
     """Per layer and channel, the top-k images with score and argmax location.
 
     Attributes
@@ -48,6 +50,8 @@ class TopKResult:
     table: pd.DataFrame = field(repr=False)
     params: dict
     provenance: dict = field(repr=False)
+
+    KIND, META = "top-k", "topk.json"
 
     @classmethod
     def from_accumulator(cls, acc, frame=None, params=None, provenance=None):
@@ -129,15 +133,13 @@ class TopKResult:
             out.append(img[y0:y0 + sh, x0:x0 + sw])
         return out
 
-    def save(self, directory):
-        """Write ``topk.csv`` and ``topk.json`` into ``directory``."""
-        return write_result(directory, {"topk.csv": self.table}, ("topk.json", {"params": self.params, "provenance": self.provenance}))
+    def _write(self, directory):  # topk.csv; topk.json holds params and provenance
+        self.table.to_csv(directory / "topk.csv", index=False)
+        return {"params": self.params}
 
     @classmethod
-    def load(cls, directory):
-        """Read a result written by :meth:`save`."""
-        meta = read_json(directory, "topk.json", "top-k")
-        return cls(table=read_csv(f"{directory}/topk.csv"), params=meta["params"], provenance=meta["provenance"])
+    def _read(cls, directory, meta):
+        return cls(table=read_csv(directory / "topk.csv"), params=meta["params"], provenance=meta["provenance"])
 
 
 def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
@@ -160,6 +162,7 @@ def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
     -------
     TopKResult
     """
+    t0 = time.perf_counter()
     store = open_store(store)
     layers = check_layers(store, layers)
     acc = TopK(k, score)
@@ -174,7 +177,9 @@ def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
     for parts in zip(*(store.iter_chunks(layer, chunk_rows) for layer in layers)):
         start, n = parts[0][0], len(parts[0][1])
         acc.update(mrow[start:start + n], {layer: torch.from_numpy(arr) for layer, (_, arr) in zip(layers, parts)})
-    return TopKResult.from_accumulator(acc, store.rows, {"layers": layers, "source": "store"}, store_provenance(store))
+    return TopKResult.from_accumulator(acc, store.rows, {"layers": layers, "source": "store"},
+                                       provenance(store=store, parameters={"k": k, "score": score, "layers": layers},
+                                                  timings={"total": time.perf_counter() - t0}))
 
 
 def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", batch_size=64, num_workers=0,
@@ -204,18 +209,22 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
     manifest = data if isinstance(data, Manifest) else Manifest.read(data)
     acc = TopK(k, score)
     prep = model.preprocessing_for(manifest, preprocessing)
-    prov = {"model": model.spec, "weights_hash": model.weights_hash, "manifest": str(manifest.path),
-            "manifest_hash": manifest.content_hash(), "preprocessing": prep.to_dict()}
+    t0 = time.perf_counter()
+    parameters = {"k": k, "score": score, "layers": list(layers)}
+
+    def prov(st=None):
+        return provenance(model, manifest, store=st, parameters=parameters, preprocessing=prep.to_dict(),
+                          timings={"total": time.perf_counter() - t0})
+
     if store is not None:
         st = extract(model, manifest, layers, store, pool=pool, batch_size=batch_size, num_workers=num_workers,
                      skip_bad=skip_bad, preprocessing=prep, observers=[acc], progress=progress)
-        prov = {**store_provenance(st), "preprocessing": prep.to_dict()}
         if acc.n_seen == st.n_rows:
-            return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "extraction"}, prov)
+            return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "extraction"}, prov(st))
         logger.info("store %s was (partly) reused, so extraction did not see every image: one plain pass for top-k", store)
         acc = TopK(k, score)
     batches = make_loader(manifest, prep, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
     batches = tqdm(batches, desc="topk", unit="batch", disable=not progress)
     for rows, _, raw in iter_activations(model, batches, layers, pool="mean", keep_raw=acc.reduce):
         acc.update(rows, raw)
-    return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "forward pass"}, prov)
+    return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "forward pass"}, prov(st if store is not None else None))
