@@ -62,7 +62,7 @@ def _world(work, n):
 
 def _dissect(model, broden, out):
     shutil.rmtree(out, ignore_errors=True)
-    return dissect(model, broden, [LAYER], out, size=SIZE, batch_size=BATCH, render=False, progress=False)
+    return dissect(model, broden, [LAYER], out, size=SIZE, batch_size=BATCH, progress=False)
 
 
 def _floor(model, broden):

@@ -11,6 +11,10 @@ machine load affects both sides of a ratio alike. Figures:
   ``python -c "import torch"`` (target <= 1.5: the command costs little beyond the torch import
   it cannot avoid). ``W.pt`` is built first in a temp dir: a 48-image 16 px world and
   ``train_demo(..., epochs=1)``, not timed.
+* ``import_concepts_seconds``: ``python -c "import conceptlens.concepts.tcav"`` (the TCAV analyzer
+  and everything it imports: torch, scipy.stats, scikit-learn's linear models; never UMAP,
+  openTSNE or FAISS, which ``tests/test_import_boundaries.py`` checks), printed with its ratio to
+  ``import torch`` (``import_concepts_over_import_torch``).
 
 The package measured is this checkout's (the processes run in the repository root, which is also
 their ``PYTHONPATH``), not an installed copy. Usage: python benchmarks/startup.py [--repeats 7]
@@ -48,6 +52,7 @@ def main():
             "help": [sys.executable, "-m", "conceptlens", "--help"],
             "layers": [sys.executable, "-m", "conceptlens", "layers", f"demo:{tmp}/demo.pt", "--input-size", "64"],
             "torch": [sys.executable, "-c", "import torch"],
+            "concepts": [sys.executable, "-c", "import conceptlens.concepts.tcav"],
         }
         for argv in commands.values():  # warm the file cache: the first run of each is not timed
             _seconds(argv, env)
@@ -60,6 +65,8 @@ def main():
         print(f"# {name}: median {median[name]:.3f} s of {', '.join(f'{s:.2f}' for s in t)}")
     print(f"BENCH cli_help_seconds {median['help']:.3f}")
     print(f"BENCH cli_layers_over_import_torch {median['layers'] / median['torch']:.3f}")
+    print(f"BENCH import_concepts_seconds {median['concepts']:.3f}")
+    print(f"BENCH import_concepts_over_import_torch {median['concepts'] / median['torch']:.3f}")
 
 
 if __name__ == "__main__":

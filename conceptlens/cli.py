@@ -296,8 +296,11 @@ def _cmd_attribute(args):
     manifest = Manifest.read(args.data) if args.data else Manifest.from_images(args.image)
     result = explain(model, manifest, args.methods, target=args.target, preprocessing=_preprocessing(args, model, manifest),
                      limit=args.limit, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet)
+    from .plotting import write_explanation_gallery
+
     out = result.save(args.out)
-    print(f"attributions of {len(result.rows)} images x {len(result.methods)} methods -> {out / 'index.json'}")
+    index = write_explanation_gallery(result, out)
+    print(f"attributions of {len(result.rows)} images x {len(result.methods)} methods -> {index}")
     for m in result.methods:
         print(f"  {m:<30} heatmaps/{m}/  overlays/{m}/  maps/{m}.npy")
     _print_skipped(result.skipped)
@@ -370,7 +373,12 @@ def _cmd_dissect(args):
                      rule=args.rule, thresholds=args.thresholds, top_k=args.top_k, size=args.size, mean=args.mean,
                      std=args.std, categories=args.categories, batch_size=args.batch_size, dtype=args.dtype,
                      quantile_method=args.quantile_method, memory_budget=int(args.memory_budget * 2**20),
-                     num_workers=args.workers, render=not args.no_images, progress=not args.quiet)
+                     num_workers=args.workers, progress=not args.quiet)
+    if not args.no_images and args.top_k > 0:
+        from .core.broden import read_broden
+        from .plotting import write_unit_gallery
+
+        write_unit_gallery(result, read_broden(args.broden, categories=args.categories), args.out, progress=not args.quiet)
     print(f"dissection of {', '.join(result.layers)} on {result.provenance['n_images']} Broden images "
           f"(rule {args.rule}) -> {Path(args.out) / 'units.csv'}")
     print(result.summary[result.summary["category"] == "all"].to_string(index=False))

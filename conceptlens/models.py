@@ -52,6 +52,7 @@ __all__ = [
     "load_state_dict",
     "resolve_device",
     "list_layers",
+    "trace_modules",
     "validate_layers",
 ]
 
@@ -522,6 +523,35 @@ def validate_layers(model, layers):
     return layers
 
 
+def trace_modules(module, x):
+    """One forward of ``x`` with a hook on every named submodule (the hooks always removed).
+
+    Returns ``{name: {"type", "output_shape", "calls"}}`` in the order the modules first completed;
+    ``output_shape`` is the output's shape tuple (its type name when it is not a tensor) and
+    ``calls`` how often the module ran. The one module walk behind :func:`list_layers` and
+    attribution's ``auto_layer``.
+    """
+    found, handles = {}, []
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            found.setdefault(name, {"type": type(mod).__name__, "output_shape": shape, "calls": 0})["calls"] += 1
+
+        return fn
+
+    try:
+        for name, mod in module.named_modules():
+            if name:
+                handles.append(mod.register_forward_hook(hook(name)))
+        with torch.inference_mode():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 def list_layers(model, input_size=None, device=None):
     """Table of layers (``name``, ``type``, ``output_shape``, ``calls``) for a ``3 x S x S`` input.
 
@@ -538,35 +568,18 @@ def list_layers(model, input_size=None, device=None):
     module = _module_of(model)
     if device is None:
         device = model.device if isinstance(model, LoadedModel) else next(module.parameters()).device
-    rows, handles = {}, []
-
-    def hook(name):
-        def fn(mod, inputs, output):
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            entry = rows.setdefault(name, {"name": name, "type": type(mod).__name__, "output_shape": shape, "calls": 0})
-            entry["calls"] += 1
-
-        return fn
-
-    names = layer_names(module)
     try:
-        for name, mod in module.named_modules():
-            if name:
-                handles.append(mod.register_forward_hook(hook(name)))
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, input_size, input_size, device=device))
+        rows = trace_modules(module, torch.zeros(1, 3, input_size, input_size, device=device))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConceptLensError(
             f"the model's forward pass failed on a 1x3x{input_size}x{input_size} input ({first}); "
             "pass the input size it expects (--input-size); torch.export programs need a dynamic batch dimension"
         ) from None
-    finally:
-        for h in handles:
-            h.remove()
+    names = layer_names(module)
     for name in names:
-        rows.setdefault(name, {"name": name, "type": type(module.get_submodule(name)).__name__, "output_shape": "not run", "calls": 0})
-    frame = pd.DataFrame([rows[n] for n in names], columns=["name", "type", "output_shape", "calls"])
+        rows.setdefault(name, {"type": type(module.get_submodule(name)).__name__, "output_shape": "not run", "calls": 0})
+    frame = pd.DataFrame([{"name": n, **rows[n]} for n in names], columns=["name", "type", "output_shape", "calls"])
     frame["output_shape"] = frame["output_shape"].map(lambda s: "x".join(map(str, s[1:])) if isinstance(s, tuple) else s)
     return frame
 

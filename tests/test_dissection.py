@@ -12,6 +12,7 @@ from PIL import Image
 
 from conceptlens.cli import main
 from conceptlens.dissection import DissectionResult, dissect, read_broden
+from conceptlens.plotting import write_unit_gallery
 from conceptlens.core.broden import decode_mask, encode_mask
 from conceptlens.errors import ConceptLensError
 from conceptlens.models import random_init_copy
@@ -43,8 +44,14 @@ def test_planted_detectors_get_their_labels(world_dir, tmp_path):
     frame = read_broden(world_dir / "broden")
     for r in res.top_rows["detector"][0]:
         assert any((m == 1).any() for m in frame.annotations(int(r))["color"])  # label 1 = red
-    assert set(res.images["unit"]) == {0, 2, 3}
-    assert all(res.image_path("detector", k).is_file() for k in (0, 2, 3)) and res.image_path("detector", 1) is None
+    # the gallery (plotting): a strip per live unit; the panels show the unit's thresholded map
+    listing = write_unit_gallery(res, frame, tmp_path / "gallery")
+    assert set(listing["unit"]) == {0, 2, 3} and all((tmp_path / "gallery" / p).is_file() for p in listing["path"])
+    assert pd.read_csv(tmp_path / "gallery" / "images.csv").equals(listing)
+    assert res.unit_panels("detector", 1, frame) == []  # dead: nothing to show
+    image, unit_mask, label_mask = res.unit_panels("detector", 0, frame)[0]
+    assert unit_mask.shape == label_mask.shape == image.shape[:2] and unit_mask.any()
+    assert (unit_mask & label_mask).sum() / (unit_mask | label_mask).sum() > 0.9  # the red detector fires on the red mask
     summary = res.summary.set_index(["layer", "category"])
     assert summary.at[("detector", "all"), "dead_units"] == 1
     assert summary.at[("detector", "color"), "interpretable_units"] >= 1
@@ -91,7 +98,7 @@ def test_demo_model_units_detect_planted_shapes(demo_result, demo_model, world_d
     units = demo_result.units
     assert (units["unit"].groupby(units["layer"]).max() == 63).all()  # 0-based
     random_copy = dissect(random_init_copy(demo_model, seed=0), world_dir / "broden", ["conv4"], tmp_path / "random",
-                          top_k=0, render=False, progress=False)
+                          top_k=0, progress=False)
     trained = _shape_units(demo_result, "conv4")
     assert len(trained) >= 15 and len(_shape_units(random_copy, "conv4")) <= 5, trained["label"].value_counts()
     assert _mean_best_shape_iou(demo_result, "conv4") > 1.5 * _mean_best_shape_iou(random_copy, "conv4")
@@ -115,7 +122,7 @@ def test_tally_recomputed_when_a_mask_changes(demo_model, tmp_path, caplog):
     def run():
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="conceptlens"):
-            return dissect(demo_model, root, ["conv2"], out, top_k=2, render=False, progress=False)
+            return dissect(demo_model, root, ["conv2"], out, top_k=2, progress=False)
 
     first = run()
     assert "IoU tally: reusing" not in caplog.text
@@ -147,8 +154,6 @@ def test_save_load_round_trip(demo_result, tmp_path):
         np.testing.assert_array_equal(back.iou[layer], demo_result.iou[layer])
         np.testing.assert_array_equal(back.top_rows[layer], demo_result.top_rows[layer])
     assert back.provenance["weights_hash"] == demo_result.provenance["weights_hash"]
-    assert len(back.images) == len(demo_result.images) > 0
-    assert all(back.image_path(r.layer, r.unit).is_file() for r in back.images.itertuples())
     cols = ["layer", "unit", "label", "category", "iou", "threshold", "interpretable"]
     assert list(pd.read_csv(copy / "units.csv").columns[:7]) == cols
     with pytest.raises(ConceptLensError, match="no dissection result"):

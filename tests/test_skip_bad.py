@@ -13,6 +13,7 @@ from conceptlens.data import Manifest, Preprocessing, make_loader
 from conceptlens.errors import ConceptLensError
 from conceptlens.models import load_model
 from conceptlens.core.extract import extract
+from conceptlens.plotting import write_explanation_gallery
 
 from tiny_demo import build_tiny_demo
 
@@ -60,6 +61,7 @@ def test_extract_attribute_and_spray_list_the_same_rows(tmp_path, broken):
     assert set(sp.rows["manifest_row"]) == circles and len(sp.labels) == len(circles)
 
     d = expl.save(tmp_path / "expl")
+    write_explanation_gallery(expl, d)  # index.json, as `conceptlens attribute` writes it
     for name in ("index.json", "meta.json"):
         assert [s["manifest_row"] for s in json.loads((d / name).read_text())["skipped"]] == rows
     assert [s["manifest_row"] for s in type(expl).load(d).skipped] == rows

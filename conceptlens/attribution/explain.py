@@ -1,14 +1,8 @@
-"""Attribution maps of a few images for the drill-down view: maps, heatmap and overlay PNGs, a JSON index.
-
-The PNGs are data for the report (one file per image and method), not plots: a heatmap maps the
-relevance of each pixel to a colour (diverging ``bwr`` for signed methods, ``inferno`` for
-non-negative ones, scaled by the map's 99.5th percentile of magnitudes), an overlay blends it over
-the de-normalised input in proportion to the relevance magnitude.
-"""
+"""Attribution maps of a few images for the drill-down view: the maps, the de-normalised inputs and
+each image's row (the heatmap and overlay PNGs are drawn by :mod:`conceptlens.plotting`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,36 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from ..errors import ConceptLensError
 from ..core.result import Result, provenance
 from .methods import METHODS, attribute, check_method, method_info
 
-__all__ = ["Explanations", "explain", "heatmap_rgb"]
+__all__ = ["Explanations", "explain"]
 
 logger = logging.getLogger(__name__)
-
-
-def heatmap_rgb(a, signed=True):
-    """RGB uint8 ``[H, W, 3]`` of one map: ``bwr`` in ``[-s, s]`` (signed) or ``inferno`` in ``[0, s]``,
-    ``s`` = the 99.5th percentile of ``|a|``."""
-    import matplotlib
-
-    a = np.asarray(a, dtype=np.float32)
-    scale = float(np.quantile(np.abs(a), 0.995)) or float(np.abs(a).max()) or 1.0
-    if signed:
-        rgba = matplotlib.colormaps["bwr"](np.clip(a / scale, -1, 1) * 0.5 + 0.5)
-    else:
-        rgba = matplotlib.colormaps["inferno"](np.clip(a / scale, 0, 1))
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
-
-
-def _overlay(image, a, signed):
-    heat = heatmap_rgb(a, signed).astype(np.float32)
-    mag = np.abs(np.asarray(a, dtype=np.float32))
-    alpha = np.clip(mag / (float(np.quantile(mag, 0.995)) or 1.0), 0, 1)[..., None] * 0.75
-    return (image * (1 - alpha) + heat * alpha).round().clip(0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -89,32 +61,22 @@ class Explanations(Result):
             frames.append(f)
         return pd.concat(frames, ignore_index=True)
 
+    def method_info(self):
+        """Per method ``{name, signed, library, description}`` (signed maps are drawn diverging)."""
+        return [{"name": m, "signed": METHODS[m].signed if m in METHODS else True,
+                 "library": METHODS[m].library if m in METHODS else "?",
+                 "description": METHODS[m].description if m in METHODS else ""} for m in self.methods]
+
     def _write(self, d):
-        """``index.json``, ``rows.csv``, ``images.npy``, ``maps/<method>.npy`` and
-        ``heatmaps/<method>/<i>.png`` + ``overlays/<method>/<i>.png`` (``i`` = position in ``rows``);
-        then ``meta.json``. ``meta.json`` and ``index.json`` list the skipped images under ``skipped``."""
-        skipped = [dict(s) for s in self.skipped]
+        """``rows.csv``, ``images.npy``, ``maps/<method>.npy``; then ``meta.json`` (which lists the skipped
+        images under ``skipped``). The PNG gallery is drawn by
+        :func:`conceptlens.plotting.write_explanation_gallery`."""
         self.rows.to_csv(d / "rows.csv", index=False)
         np.save(d / "images.npy", self.images)
         (d / "maps").mkdir(exist_ok=True)
-        entries = [{**{k: _plain(v) for k, v in row.items()}, "position": i, "heatmaps": {}, "overlays": {}}
-                   for i, row in enumerate(self.rows.to_dict("records"))]
         for m in self.methods:
             np.save(d / "maps" / f"{m}.npy", self.maps[m])
-            signed = METHODS[m].signed if m in METHODS else True
-            for kind in ("heatmaps", "overlays"):
-                (d / kind / m).mkdir(parents=True, exist_ok=True)
-            for i, a in enumerate(self.maps[m]):
-                Image.fromarray(heatmap_rgb(a, signed)).save(d / "heatmaps" / m / f"{i:05d}.png")
-                Image.fromarray(_overlay(self.images[i], a, signed)).save(d / "overlays" / m / f"{i:05d}.png")
-                entries[i]["heatmaps"][m] = f"heatmaps/{m}/{i:05d}.png"
-                entries[i]["overlays"][m] = f"overlays/{m}/{i:05d}.png"
-        index = {"methods": [{"name": m, "signed": METHODS[m].signed if m in METHODS else True,
-                              "library": METHODS[m].library if m in METHODS else "?",
-                              "description": METHODS[m].description if m in METHODS else ""} for m in self.methods],
-                 "images": entries, "skipped": skipped}
-        (d / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return {"methods": list(self.methods), "params": self.params, "skipped": skipped}
+        return {"methods": list(self.methods), "params": self.params, "skipped": [dict(s) for s in self.skipped]}
 
     @classmethod
     def _read(cls, d, meta):
@@ -122,10 +84,6 @@ class Explanations(Result):
         rows = pd.read_csv(d / "rows.csv", keep_default_na=False)
         return cls(tuple(meta["methods"]), maps, rows, np.load(d / "images.npy"), meta["params"], meta["provenance"],
                    tuple(meta.get("skipped", ())))
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def explain(model, manifest, methods, target=None, preprocessing=None, limit=None, method_params=None,

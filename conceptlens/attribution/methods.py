@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConceptLensError, did_you_mean
-from ..models import validate_layers
+from ..models import trace_modules, validate_layers
 from . import _rebuild
 
 __all__ = ["Method", "METHODS", "attribute", "list_methods", "method_info", "auto_layer", "check_method", "supports"]
@@ -167,28 +167,10 @@ def _unwrap(model):
 def auto_layer(model, x):
     """The last module (in forward completion order) with a spatial ``[B, C, H, W]`` output, H·W > 1,
     run once per forward — Grad-CAM's default layer (``relu4`` for the demo CNN, ``layer4`` for ResNets)."""
-    module = _unwrap(model)
-    order, calls, handles = [], {}, []
-
-    def hook(name):
-        def fn(mod, inputs, output):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
-                order.append(name)
-
-        return fn
-
-    try:
-        for name, m in module.named_modules():
-            if name:
-                handles.append(m.register_forward_hook(hook(name)))
-        with torch.no_grad():
-            module(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    for name in reversed(order):
-        if calls[name] == 1:
+    traced = trace_modules(_unwrap(model), x[:1])
+    for name, entry in reversed(traced.items()):
+        shape = entry["output_shape"]
+        if isinstance(shape, tuple) and len(shape) == 4 and shape[-1] * shape[-2] > 1 and entry["calls"] == 1:
             logger.info("layer auto -> %s (last spatial layer)", name)
             return name
     raise ConceptLensError("the model has no layer with a spatial output; pass layer=NAME (see `conceptlens layers MODEL`)")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ..data import Preprocessing
@@ -81,13 +79,11 @@ class DissectionResult(Result):
     top_rows, top_scores : dict of str to numpy.ndarray
         Per layer, ``[units, k]``: each unit's top images (``index.csv`` rows, -1 = none) and their
         scores (spatial max of the map).
-    images : pandas.DataFrame
-        ``layer, unit, path`` of the per-unit PNGs (path relative to :attr:`path`).
     provenance : dict
         Model spec, weights hash, Broden set and its hash, data hash, layers, parameters and the
         method strings (quantiles, upsampling, rule).
     path : Path or None
-        Directory the result lives in (where the PNGs are).
+        Directory the result lives in.
     """
 
     units: pd.DataFrame = field(repr=False)
@@ -97,7 +93,6 @@ class DissectionResult(Result):
     thresholds: dict = field(repr=False)
     top_rows: dict = field(repr=False)
     top_scores: dict = field(repr=False)
-    images: pd.DataFrame = field(repr=False)
     provenance: dict = field(repr=False)
     path: Path | None = None
 
@@ -111,31 +106,62 @@ class DissectionResult(Result):
         """The per-unit table (a copy of :attr:`units`)."""
         return self.units.copy()
 
-    def image_path(self, layer, unit):
-        """Absolute path of a unit's top-images PNG, or None when none was drawn."""
-        hit = self.images[(self.images["layer"] == layer) & (self.images["unit"] == unit)]
-        if self.path is None or hit.empty:
-            return None
-        return Path(self.path) / hit["path"].iat[0]
+    def unit_panels(self, layer, unit, broden, cache=None):
+        """What the unit sees in its top images: ``[(image, unit_mask, label_mask)]``, best first.
+
+        ``image`` is the Broden image (uint8 ``[H, W, 3]``), ``unit_mask`` the unit's map upsampled
+        (bilinear) to the image and thresholded at its quantile, ``label_mask`` the pixels of the
+        unit's label (its category's, or any category's under ``netdissect-lite``). Empty for dead
+        units and for ``top_k = 0``. Reads the maps from the activation store :func:`dissect` keeps
+        in the result's folder (``activations/``; the provenance's store path when the result was
+        not loaded from a folder); ``cache`` (a dict) keeps decoded images between calls. Drawn by
+        :func:`conceptlens.plotting.write_unit_gallery`.
+        """
+        from ..core.store import ActivationStore
+
+        row = self.units[(self.units["layer"] == layer) & (self.units["unit"] == unit)]
+        if row.empty:
+            raise ConceptLensError(f"no unit {unit} of layer {layer!r} in this dissection (layers: {', '.join(self.layers)})")
+        row = row.iloc[0]
+        if bool(row["dead"]):
+            return []
+        cache = {} if cache is None else cache
+        key = ("store", layer)
+        if key not in cache:
+            store = ActivationStore.open(Path(self.path) / "activations" if self.path is not None
+                                         else self.provenance["store"]["path"])
+            cache[key] = (store.array(layer), {int(r): i for i, r in enumerate(store.rows["manifest_row"])})
+        maps, store_row = cache[key]
+        number, category = int(row["label_number"]), row["category"]
+        rule = self.provenance["parameters"]["rule"]
+        panels = []
+        for r in (int(r) for r in self.top_rows[layer][unit] if r >= 0):
+            if r not in cache:
+                with Image.open(broden.image_path(r)) as im:
+                    cache[r] = (np.asarray(im.convert("RGB")), broden.annotations(r))
+            image, ann = cache[r]
+            fmap = torch.from_numpy(np.asarray(maps[store_row[r], unit], dtype=np.float32))[None, None]
+            up = F.interpolate(fmap, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+            sh, sw = int(broden.index["sh"].iat[r]), int(broden.index["sw"].iat[r])
+            lmask = _label_mask(ann, number, category, rule, (sh, sw)) if number > 0 else np.zeros((sh, sw), bool)
+            yi = (np.arange(image.shape[0]) * sh // image.shape[0])
+            xi = (np.arange(image.shape[1]) * sw // image.shape[1])
+            panels.append((image, up > self.thresholds[layer][unit], lmask[np.ix_(yi, xi)]))
+        return panels
 
     def _write(self, directory):
-        """CSV, .npy (and the PNGs, copied if elsewhere), then ``result.json`` (provenance).
+        """CSV and .npy, then ``result.json`` (provenance).
 
-        Layout: ``units.csv``, ``summary.csv``, ``labels.csv``, ``images.csv``,
-        ``arrays/{iou,thresholds,top_rows,top_scores}_<layer>.npy``, ``units/<layer>/unit_NNNN.png``.
+        Layout: ``units.csv``, ``summary.csv``, ``labels.csv``,
+        ``arrays/{iou,thresholds,top_rows,top_scores}_<layer>.npy``.
         """
         (directory / "arrays").mkdir(parents=True, exist_ok=True)
         self.units.to_csv(directory / "units.csv", index=False)
         self.summary.to_csv(directory / "summary.csv", index=False)
         self.labels.to_csv(directory / "labels.csv", index=False)
-        self.images.to_csv(directory / "images.csv", index=False)
         for layer in self.layers:
             for name in ("iou", "thresholds", "top_rows", "top_scores"):
                 np.save(directory / "arrays" / f"{name}_{_safe(layer)}.npy", getattr(self, name)[layer])
-        if self.path is not None and Path(self.path).resolve() != directory.resolve():
-            for rel in self.images["path"]:
-                (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(self.path) / rel, directory / rel)
         return {"format": RESULT_FORMAT}
 
     @classmethod
@@ -151,10 +177,7 @@ class DissectionResult(Result):
         for col in units.columns:
             if col == "label" or col.endswith("_label") or col in ("layer", "category"):
                 units[col] = units[col].astype(str)
-        images = read("images.csv")
-        if images.empty:
-            images = pd.DataFrame({"layer": pd.Series(dtype=str), "unit": pd.Series(dtype=int), "path": pd.Series(dtype=str)})
-        return cls(units=units, summary=read("summary.csv"), labels=read("labels.csv"), images=images,
+        return cls(units=units, summary=read("summary.csv"), labels=read("labels.csv"),
                    provenance=prov, path=directory, **arrays)
 
 
@@ -237,31 +260,6 @@ def _layer_units(store, layers):
     return shapes
 
 
-def _strip(panels, gap=2):
-    h = max(p.shape[0] for p in panels)
-    w = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    out = np.full((h, w, 3), 255, dtype=np.uint8)
-    x = 0
-    for p in panels:
-        out[: p.shape[0], x: x + p.shape[1]] = p
-        x += p.shape[1] + gap
-    return out
-
-
-def _edge(mask):
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
-def _overlay(image, unit_mask, label_mask):
-    """Image dimmed outside the unit's mask; yellow outline of the unit mask, cyan of the label's."""
-    out = image.astype(np.float32)
-    out[~unit_mask] *= 0.3
-    out = out.astype(np.uint8)
-    out[_edge(unit_mask)] = (255, 220, 0)
-    out[_edge(label_mask)] = (0, 230, 255)
-    return out
-
-
 def _label_mask(ann, number, category, rule, shape):
     mask = np.zeros(shape, dtype=bool)
     cats = [category] if rule == "paper" else list(ann)
@@ -273,43 +271,6 @@ def _label_mask(ann, number, category, rule, shape):
             else:
                 mask |= entry == number
     return mask
-
-
-def _render(result_dir, broden, store, layer, thresholds, top_rows, units, rule, cache, progress):
-    maps = store.array(layer)
-    rows_in_store = store.rows["manifest_row"].to_numpy()
-    store_row = {int(r): i for i, r in enumerate(rows_in_store)}
-    folder = result_dir / "units" / _safe(layer)
-    folder.mkdir(parents=True, exist_ok=True)
-    listing = []
-    frame = units[units["layer"] == layer].set_index("unit")
-    for unit in tqdm(range(top_rows.shape[0]), desc=f"render {layer}", unit="unit", disable=not progress):
-        if frame.at[unit, "dead"]:
-            continue  # nothing to show
-        panels = []
-        number, category = int(frame.at[unit, "label_number"]), frame.at[unit, "category"]
-        for r in top_rows[unit]:
-            if r < 0:
-                continue
-            r = int(r)
-            if r not in cache:
-                with Image.open(broden.image_path(r)) as im:
-                    cache[r] = (np.asarray(im.convert("RGB")), broden.annotations(r))
-            image, ann = cache[r]
-            fmap = torch.from_numpy(np.asarray(maps[store_row[r], unit], dtype=np.float32))[None, None]
-            up = F.interpolate(fmap, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-            umask = up > thresholds[unit]
-            sh, sw = int(broden.index["sh"].iat[r]), int(broden.index["sw"].iat[r])
-            lmask = _label_mask(ann, number, category, rule, (sh, sw)) if number > 0 else np.zeros((sh, sw), bool)
-            yi = (np.arange(image.shape[0]) * sh // image.shape[0])
-            xi = (np.arange(image.shape[1]) * sw // image.shape[1])
-            panels.append(_overlay(image, umask, lmask[np.ix_(yi, xi)]))
-        if not panels:
-            continue
-        rel = Path("units") / _safe(layer) / f"unit_{unit:04d}.png"
-        Image.fromarray(_strip(panels)).save(result_dir / rel, compress_level=1)
-        listing.append({"layer": layer, "unit": unit, "path": rel.as_posix()})
-    return listing
 
 
 def _unit_table(layer, iou, thr, tally, columns, iou_threshold):
@@ -383,7 +344,6 @@ def dissect(
     sketch_bins=1024,
     chunk_rows=32,
     num_workers=0,
-    render=True,
     progress=True,
 ):
     """Dissect ``layers`` of a model on a Broden-style concept set.
@@ -430,8 +390,6 @@ def dissect(
         Images per tally chunk.
     num_workers : int
         DataLoader workers for the forward pass.
-    render : bool, default True
-        Draw per-unit PNGs of the top images.
     progress : bool, default True
         tqdm progress bars.
 
@@ -539,7 +497,6 @@ def dissect(
     timings["tally"] = time.perf_counter() - t0
 
     # 4. result
-    t0 = time.perf_counter()
     ious = {layer: tallies[layer].result() for layer in layers}
     units = pd.concat([_unit_table(layer, ious[layer], thr[layer], tallies[layer], columns, iou_threshold)
                        for layer in layers], ignore_index=True)
@@ -547,12 +504,6 @@ def dissect(
         n_dead = int(units.loc[units["layer"] == layer, "dead"].sum())
         if n_dead:
             logger.info("layer %s: %d dead units (never above their threshold)", layer, n_dead)
-    listing = []
-    if render and top_k > 0:
-        cache = {}
-        for layer in layers:
-            listing += _render(out, broden, store, layer, thr[layer], tops[layer][0], units, rule, cache, progress)
-    timings["render"] = time.perf_counter() - t0
     labels_frame = pd.DataFrame({"column": np.arange(len(columns)), "number": columns.number, "name": columns.name.astype(str),
                                  "category": [columns.categories[c] for c in columns.category]})
     prov = provenance(
@@ -581,10 +532,9 @@ def dissect(
         },
     )
     prov.update(data=str(broden.root.resolve()), data_hash=broden_hash)  # the Broden set (the store's manifest is its index)
-    images = pd.DataFrame(listing, columns=["layer", "unit", "path"])
     result = DissectionResult(units=units, summary=_summary(units, broden.categories), labels=labels_frame,
                               iou=ious, thresholds=thr, top_rows={l: tops[l][0] for l in layers},
-                              top_scores={l: tops[l][1] for l in layers}, images=images,
+                              top_scores={l: tops[l][1] for l in layers},
                               provenance=prov, path=out)
     result.save(out)
     return result

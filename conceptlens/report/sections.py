@@ -7,16 +7,15 @@ Builders read only results, never analyzer internals.
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from ..core.hashing import hash_tree
-from .plots import confusion_plot, depth_plot, grouped_bars, heatmap_scale, scatter_plot
+from ..core.broden import read_broden
+from ..plotting import (confusion_plot, depth_plot, enlarge, grouped_bars, heatmap_rgb, heatmap_scale, overlay_rgb,
+                        save_png, scatter_plot, strip, topk_thumbnail, unit_panel)
 from .render import image_block, table_block
 
 __all__ = ["STAGES", "SECTION_BUILDERS"]
@@ -220,13 +219,14 @@ def section_units(page, spec, results):
     cols = ["layer", "unit", "label", "category", "iou", "threshold", "interpretable", "dead"]
     ranked = units.sort_values("iou", ascending=False)
     blocks.append(table_block(page, ranked[[c for c in cols if c in ranked]], "units", "Units by IoU", max_rows=30))
-    items = []
+    items, cache = [], {}
+    broden = read_broden(spec.broden) if spec.broden is not None else None
     for r in ranked[ranked["interpretable"].astype(bool)].head(UNIT_GALLERY).itertuples():
-        src = res.image_path(r.layer, r.unit)
-        if src is None or not Path(src).is_file():
+        panels = [unit_panel(*p) for p in res.unit_panels(r.layer, r.unit, broden, cache=cache)] if broden else []
+        if not panels:
             continue
         name = f"unit-{_slug(r.layer)}-{r.unit}.png"
-        shutil.copyfile(src, page.asset(name))
+        save_png(strip(panels), page.asset(name))
         items.append({"src": f"assets/{name}", "alt": f"{r.layer} unit {r.unit} top images",
                       "caption": f"{r.layer} unit {r.unit}: {r.label} ({r.category}), IoU {r.iou:.3f}"})
     if items:
@@ -385,17 +385,9 @@ def topk_blocks(page, spec, top, channels=8):
     root = spec.manifest.parent
     for ch in best:
         rows = t[t["channel"] == ch].sort_values("rank")
-        thumbs = []
-        for r in rows.itertuples():
-            with Image.open(root / r.image) as im:
-                im = im.convert("RGB").resize((64, 64))
-            thumb = np.array(im)
-            if r.y >= 0:  # mark the argmax cell of the map
-                cy, cx = int((r.y + 0.5) * 64 / r.height), int((r.x + 0.5) * 64 / r.width)
-                thumb[max(0, cy - 1):cy + 2, max(0, cx - 1):cx + 2] = (255, 0, 255)
-            thumbs.append(thumb)
+        thumbs = [topk_thumbnail(root / r.image, r.y, r.x, r.height, r.width) for r in rows.itertuples()]
         name = f"topk-{_slug(layer)}-{ch}.png"
-        Image.fromarray(np.concatenate(thumbs, axis=1)).save(page.asset(name))
+        save_png(strip(thumbs, gap=0), page.asset(name))
         items.append({"src": f"assets/{name}", "alt": f"top images of {layer} channel {ch}",
                       "caption": f"{layer} channel {ch}: top score {rows['score'].iloc[0]:.2f}"})
     page.table(table, "topk")
@@ -432,7 +424,7 @@ def stage_drilldown(run, results):
     def compute(d):
         explain(run.model, subset, list(run.spec.drill_methods), progress=run.progress).save(d)
 
-    return {"drilldown": run.stage("drilldown", params, compute, lambda d: (Explanations.load(d), d))}
+    return {"drilldown": run.stage("drilldown", params, compute, Explanations.load)}
 
 
 AUDIT_DRILL_IMAGES = 4  # inputs shown per failed audit
@@ -464,22 +456,23 @@ def stage_audit_drilldown(run, results):
             explain(run.model, subset, list(run.spec.drill_methods), target=cls, progress=run.progress).save(d)
 
         params = {"methods": list(run.spec.drill_methods), "rows": rows, "class": cls}
-        expl = run.stage(f"audit_drill_{_slug(concept)}_{_slug(cls)}", params, compute, lambda d: (Explanations.load(d), d))
+        expl = run.stage(f"audit_drill_{_slug(concept)}_{_slug(cls)}", params, compute, Explanations.load)
         out[f"audit_drill:{concept}:{cls}"] = (expl, top, layer)
     return out
 
 
-def _galleries(page, expl, directory, prefix, text, caption, order=None):
+def _galleries(page, expl, prefix, text, caption, order=None):
     """One gallery per explained image (in ``order``, positions in ``expl.rows``): the input and each method's overlay."""
     blocks = []
     for n, i in enumerate(range(len(expl.rows)) if order is None else order):
         row = expl.rows.iloc[i]
         name = f"{prefix}-{i:03d}-input.png"
-        Image.fromarray(expl.images[i]).save(page.asset(name))
+        save_png(expl.images[i], page.asset(name))
         items = [{"src": f"assets/{name}", "alt": f"input {row['image']}", "caption": "input"}]
-        for m in expl.methods:
+        for info in expl.method_info():
+            m = info["name"]
             name = f"{prefix}-{i:03d}-{m}.png"
-            shutil.copyfile(directory / "overlays" / m / f"{i:05d}.png", page.asset(name))
+            save_png(overlay_rgb(expl.images[i], expl.maps[m][i], info["signed"]), page.asset(name))
             items.append({"src": f"assets/{name}", "alt": f"{m} overlay", "caption": m})
         blocks.append({"kind": "gallery", "title": caption(i, row), "text": text if n == 0 else None, "items": items})
     return blocks
@@ -491,7 +484,7 @@ def section_drilldown(page, spec, results):
     blocks = []
     for key in [k for k in results if k.startswith("audit_drill:")]:
         _, concept, cls = key.split(":", 2)
-        (expl, directory), top, layer = results[key]
+        expl, top, layer = results[key]
         by_path = top.set_index("image_path")
         extra = _binary_columns(expl.rows, both_values=False)  # e.g. has_tag: what the images really show
         text = (f"Audit failed: class {cls} is sensitive to concept {concept}. These are the {len(top)} {cls} inputs "
@@ -506,12 +499,12 @@ def section_drilldown(page, spec, results):
 
         position = {path: i for i, path in enumerate(expl.rows["image"])}
         order = [position[p] for p in top["image_path"] if p in position]  # largest derivative first
-        blocks += _galleries(page, expl, directory, f"audit-{_slug(concept)}-{_slug(cls)}", text, caption, order)
+        blocks += _galleries(page, expl, f"audit-{_slug(concept)}-{_slug(cls)}", text, caption, order)
         page.table(top.drop(columns="image_path"), f"audit-drill-{_slug(concept)}-{_slug(cls)}")
-    expl, directory = results["drilldown"]
+    expl = results["drilldown"]
     text = (f"Attribution maps of the predicted class for {len(expl.rows)} seeded test images "
             f"({spec.drill_samples} per class), methods: {', '.join(expl.methods)}.")
-    blocks += _galleries(page, expl, directory, "drill", text,
+    blocks += _galleries(page, expl, "drill", text,
                          lambda i, row: f"{_short(row['image'])}: label {row.get('label', '?')}, predicted {row['predicted_name']}")
     blocks.append(_scale_block(page))
     page.table(expl.to_frame(), "drilldown")
@@ -560,8 +553,6 @@ def _slug(text):
 
 
 def spray_blocks(page, spec, results):
-    from ..attribution import heatmap_rgb
-
     blocks = []
     for key, res in results.items():
         if not key.startswith("spray:"):
@@ -575,7 +566,7 @@ def spray_blocks(page, spec, results):
         items = []
         for k, proto in enumerate(res.prototypes):
             name = f"spray-{_slug(cls)}-{k}.png"
-            Image.fromarray(heatmap_rgb(proto, signed=True)).resize((128, 128), Image.NEAREST).save(page.asset(name))
+            save_png(enlarge(heatmap_rgb(proto, signed=True), 128), page.asset(name))
             items.append({"src": f"assets/{name}", "alt": f"cluster {k} prototype",
                           "caption": f"cluster {k}: {int(clusters['size'][k])} images"})
         text = (f"SpRAy on class {cls}: {res.n_clusters} clusters of explanation strategy (eigengap {res.eigengap:.3f}), "
