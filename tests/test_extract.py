@@ -66,9 +66,8 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_store_resumes_and_equals_uninterrupted(tmp_path, resnet18, image_manifest):
-    full = extract(resnet18, image_manifest, LAYERS, tmp_path / "full", pool="mean", batch_size=4,
-                   preprocessing=PREP, progress=False)
+def _interrupted_after_two_batches(model, manifest, layers, out, **kw):
+    """An extraction stopped (by its observer) in the third batch: an unfinished store."""
     calls = []
 
     def stop_after_two_batches(rows, raw):
@@ -77,8 +76,14 @@ def test_interrupted_store_resumes_and_equals_uninterrupted(tmp_path, resnet18, 
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        extract(resnet18, image_manifest, LAYERS, tmp_path / "part", pool="mean", batch_size=4,
-                preprocessing=PREP, observers=[stop_after_two_batches], progress=False)
+        extract(model, manifest, layers, out, observers=[stop_after_two_batches], **kw)
+
+
+def test_interrupted_store_resumes_and_equals_uninterrupted(tmp_path, resnet18, image_manifest):
+    full = extract(resnet18, image_manifest, LAYERS, tmp_path / "full", pool="mean", batch_size=4,
+                   preprocessing=PREP, progress=False)
+    _interrupted_after_two_batches(resnet18, image_manifest, LAYERS, tmp_path / "part", pool="mean", batch_size=4,
+                                   preprocessing=PREP, progress=False)
     with pytest.raises(ConceptLensError, match="unfinished.*resume"):
         ActivationStore.open(tmp_path / "part")
     seen, handle = _count_forward_images(resnet18.module)
@@ -132,15 +137,7 @@ def test_one_capture_pass_equals_separate_passes(tmp_path, resnet18, image_manif
 def test_capture_keeps_resumed_stores_in_step(tmp_path, resnet18, image_manifest, caplog):
     kw = dict(batch_size=4, preprocessing=PREP, progress=False)
     full = extract(resnet18, image_manifest, ["layer2"], tmp_path / "full", **kw)
-    calls = []
-
-    def stop_after_two_batches(rows, raw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        extract(resnet18, image_manifest, ["layer2"], tmp_path / "a", observers=[stop_after_two_batches], **kw)
+    _interrupted_after_two_batches(resnet18, image_manifest, ["layer2"], tmp_path / "a", **kw)
     # store a resumes at row 8, store b is new: both are written from row 0 in one pass
     with caplog.at_level(logging.INFO, logger="conceptlens"):
         got = capture(resnet18, image_manifest, [StoreRequest(tmp_path / "a", ["layer2"]), StoreRequest(tmp_path / "b", ["layer2"])], **kw)
