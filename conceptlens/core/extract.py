@@ -321,8 +321,10 @@ def capture(model, data, stores=(), logits=False, observers=(), batch_size=64, n
     activation store (its own layers, pooling and dtype; a layer may be in several), ``logits``
     keeps the model's outputs, ``observers`` (e.g. :class:`~conceptlens.core.topk.TopK`) see the
     unpooled maps of every captured layer, as in :func:`extract`. Complete stores of the same
-    request are reused; unfinished ones resume (together, from the earliest row any of them
-    lacks). The forward stops after the last captured layer unless logits are asked for.
+    request are reused; unfinished ones resume where they stopped when they all stopped at the
+    same row (as stores written by one pass do), else all are rewritten from the first row, as
+    they are when logits are asked for. The forward stops after the last captured layer unless
+    logits are asked for.
 
     Parameters
     ----------
