@@ -185,6 +185,12 @@ def test_cli_dissect(world_dir, demo_weights, demo_result, tmp_path, capsys):
     bound = json.loads((out / "work" / "thresholds_conv4.json").read_text())["max_error_bound"]
     assert 0 < bound < 1e-4
     assert np.abs(res.thresholds["conv4"] - demo_result.thresholds["conv4"]).max() <= bound * (1 + 1e-9)
+    assert not (out / "images.csv").exists()
+    # without --no-images the command draws a strip per live unit (the stages are reused)
+    assert main([a for a in args if a != "--no-images"]) == 0
+    listing = pd.read_csv(out / "images.csv")
+    live = res.units[~res.units["dead"].astype(bool)]
+    assert sorted(listing["unit"]) == sorted(live["unit"]) and all((out / p).is_file() for p in listing["path"])
     np.save(tmp_path / "bad.npy", np.zeros(3))
     assert main(args[:-1] + ["--thresholds", str(tmp_path / "bad.npy"), "-q"]) == 2
     err = capsys.readouterr().err
