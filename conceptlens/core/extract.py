@@ -342,7 +342,7 @@ def capture(model, data, stores=(), logits=False, observers=(), batch_size=64, n
     model = load_model(model) if isinstance(model, str) else model
     manifest = data if isinstance(data, Manifest) else Manifest.read(data)
     prep = model.preprocessing_for(manifest, preprocessing)
-    manifest_hash = manifest.content_hash()
+    manifest_hash = manifest.content_hash() if stores else None  # reads every image: only stores need it
     targets, states = [], []
     for req in stores:
         layers = validate_layers(model.module, req.layers)

@@ -78,7 +78,7 @@ def provenance(model=None, data=None, *, store=None, parameters=None, preprocess
         out.update(_model_fields(model))
     if data is not None:
         if hasattr(data, "content_hash"):  # a Manifest or a BrodenSet
-            out["data"] = str(getattr(data, "path", None) or getattr(data, "root"))
+            out["data"] = str(getattr(data, "path", None) or Path(data.root).resolve())
             out["data_hash"] = data.content_hash()
         else:
             out["data"], out["data_hash"] = str(data), hash_tree(data)

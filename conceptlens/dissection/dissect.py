@@ -506,8 +506,8 @@ def dissect(
             logger.info("layer %s: %d dead units (never above their threshold)", layer, n_dead)
     labels_frame = pd.DataFrame({"column": np.arange(len(columns)), "number": columns.number, "name": columns.name.astype(str),
                                  "category": [columns.categories[c] for c in columns.category]})
-    prov = provenance(
-        model, store=store, preprocessing=prep.to_dict(), timings=timings,
+    prov = provenance(  # data: the Broden set (the store's manifest is its index), hashed as for the tally key
+        model, broden, store=store, preprocessing=prep.to_dict(), timings=timings,
         parameters={
             "quantile": quantile, "iou_threshold": iou_threshold, "rule": rule, "top_k": top_k,
             "thresholds": None if thresholds is None else (str(thresholds) if not isinstance(thresholds, dict) else "array"),
@@ -531,7 +531,6 @@ def dissect(
                      "one bincount per batch; image-level labels via (unit x image areas) @ (image x labels); int64 counts",
         },
     )
-    prov.update(data=str(broden.root.resolve()), data_hash=broden_hash)  # the Broden set (the store's manifest is its index)
     result = DissectionResult(units=units, summary=_summary(units, broden.categories), labels=labels_frame,
                               iou=ious, thresholds=thr, top_rows={l: tops[l][0] for l in layers},
                               top_scores={l: tops[l][1] for l in layers},
