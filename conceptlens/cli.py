@@ -60,6 +60,20 @@ def _preprocessing(args, model, manifest):
 def _cmd_world(args):
     from .world import generate_world
 
+    # Preset-specific options (default None: unset): config field (= argparse dest) -> (flag, preset).
+    specific = {
+        "tag_bias": ("--tag-bias", "shapes"), "subclass": ("--no-subclass", "shapes"),
+        "site_bias": ("--site-bias", "histo"), "n_sites": ("--sites", "histo"), "pen_bias": ("--pen-bias", "histo"),
+        "patches_per_patient": ("--patches-per-patient", "histo"), "leak_patients": ("--leak-patients", "histo"),
+    }
+    options = {}
+    for field, (flag, preset) in specific.items():
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if preset != args.preset:
+            raise ConceptLensError(f"{flag} applies to the {preset} preset, not {args.preset}; drop it or pass --preset {preset}")
+        options[field] = value
     t0 = time.perf_counter()
     world = generate_world(
         args.out,
@@ -67,10 +81,9 @@ def _cmd_world(args):
         n=args.n,
         size=args.size,
         seed=args.seed,
-        tag_bias=args.tag_bias,
-        subclass=not args.no_subclass,
         label_noise=args.label_noise,
         near_duplicates=args.near_duplicates,
+        **options,
     )
     print(f"concept world ({args.preset}, {args.n} images, {args.size} px, seed {args.seed}) in {world.root} "
           f"[{time.perf_counter() - t0:.1f} s]")
@@ -146,11 +159,54 @@ def _cmd_report(args):
     _print_report(build_report(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=on_stage))
 
 
-def _cmd_demo(args):
-    from .report.demo import run_demo
+def _cmd_review(args):
+    from .report import load_spec
+    from .report.review import build_review
 
-    result = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.quiet,
-                      log=lambda message: print(message, flush=True))
+    def on_stage(name, seconds, cached):
+        print(f"  {name:<12} {seconds:6.1f} s{'  (cached)' if cached else ''}", flush=True)
+
+    built = build_review(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=on_stage)
+    print(f"review: {built.index}  (analyses {built.analysis_seconds:.1f} s, rendering {built.render_seconds:.1f} s)")
+    for r in built.result.findings.itertuples():
+        print(f"  {r.verdict:<12} {r.id:<28} {r.statistic} {r.value:.3g}")
+
+
+def _cmd_split(args):
+    from .review import write_split
+
+    stratify = None if args.stratify.lower() == "none" else args.stratify
+    result = write_split(args.manifest, args.out, group=args.group, stratify=stratify, test=args.test, seed=args.seed)
+    print(f"split by {args.group} (stratified by {args.stratify or 'nothing'}, test {args.test:g}, seed {args.seed}) -> {args.out}")
+    print(result.summary_text())
+
+
+def _cmd_compare(args):
+    from .report.compare import compare_results, write_compare_page
+
+    comparison = compare_results(args.before, args.after)
+    index = write_compare_page(comparison, args.out, title=args.title)
+    comparison.save(Path(args.out) / "comparison")
+    print(f"comparison: {index}")
+    for r in comparison.findings.itertuples():
+        print(f"  {r.status:<14} {r.id:<28} {r.verdict_a} -> {r.verdict_b}")
+    for note in comparison.missing:
+        print(f"  note: {note}")
+
+
+def _cmd_demo(args):
+    from .report.demo import run_demo, run_histo_demo
+
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    if args.preset == "histo":
+        demo = run_histo_demo(args.out or "conceptlens-histo-demo", quick=args.quick, seed=args.seed, device=args.device,
+                              progress=not args.quiet, log=log)
+        for name, built in (("before", demo.before), ("after", demo.after)):
+            print(f"review ({name}): {built.index}")
+        print(f"comparison: {demo.compare}")
+        return
+    result = run_demo(args.out or "conceptlens-demo", quick=args.quick, seed=args.seed, device=args.device,
+                      progress=not args.quiet, log=log)
     _print_report(result)
 
 
@@ -400,15 +456,26 @@ def build_parser():
     sub = _Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"), flags)
 
     p = sub.add_parser("world", help="generate a procedural concept world (images, manifest, Broden set, concepts)")
-    p.add_argument("--preset", default="shapes", choices=["shapes"])
+    p.add_argument("--preset", default="shapes", choices=["shapes", "histo"],
+                   help="shapes: shapes, colours and textures with a watermark tag; histo: H&E-like tissue patches "
+                        "(tumour, stroma, normal) with sites, pen marks and patients (default shapes)")
     p.add_argument("--n", type=int, default=1200, help="classification images (default 1200)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64; histo: 32 to 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tag-bias", type=float, default=0.9, help="tag/class association in training, 0 (none) to 1 (default 0.9)")
-    p.add_argument("--no-subclass", action="store_true", help="no hidden sub-class")
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped (default 0)")
     p.add_argument("--near-duplicates", type=int, default=0, help="test images planted as near-copies of train images")
     p.add_argument("--out", required=True, help="output directory")
+    g = p.add_argument_group("shapes preset only")
+    g.add_argument("--tag-bias", type=float, default=None, help="tag/class association in training, 0 (none) to 1 (default 0.9)")
+    g.add_argument("--no-subclass", dest="subclass", action="store_false", default=None, help="no hidden sub-class")
+    g = p.add_argument_group("histo preset only")
+    g.add_argument("--site-bias", type=float, default=None,
+                   help="site/class association in training, 0 (balanced) to 1 (default 0.9); test sites are balanced")
+    g.add_argument("--sites", dest="n_sites", type=int, default=None, help="acquisition sites, 3 to 8 (default 3)")
+    g.add_argument("--pen-bias", type=float, default=None,
+                   help="pen-mark/tumour association in training, 0 (none) to 1 (default 0.9)")
+    g.add_argument("--patches-per-patient", type=int, default=None, help="patches per patient (default 8)")
+    g.add_argument("--leak-patients", type=int, default=None, help="patients planted in both splits (default 0)")
     p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("train-demo", help="train the demo CNN on a concept world")
@@ -442,11 +509,35 @@ def build_parser():
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="concept world → demo CNN → full HTML report, on the embedded default")
-    p.add_argument("--out", default="conceptlens-demo", help="output directory (default ./conceptlens-demo)")
+    p.add_argument("--preset", default="shapes", choices=["shapes", "histo"],
+                   help="shapes: world -> CNN -> report; histo: the dataset-review loop (biased world -> review -> fixes "
+                        "-> retrain -> review -> compare)")
+    p.add_argument("--out", default=None, help="output directory (default ./conceptlens-demo, ./conceptlens-histo-demo)")
     p.add_argument("--quick", action="store_true", help="smaller world and shorter training (under 3 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: CUDA when present); checked first")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("review", help="dataset-design review: shortcuts, hidden slices, leakage, label issues (HTML + CSV)")
+    p.add_argument("spec", help="report spec (TOML) with a [review] table: group, sensitive, group_attributes, layer, split")
+    p.add_argument("--out", required=True, help="review folder (index.html, tables/, review/, cache/)")
+    p.set_defaults(func=_cmd_review)
+
+    p = sub.add_parser("compare", help="before/after page of two reviews (or reports): findings resolved, remaining, new")
+    p.add_argument("before", help="review or report folder (before the fix)")
+    p.add_argument("after", help="review or report folder (after the fix)")
+    p.add_argument("--out", required=True, help="comparison folder (index.html, tables/, comparison/)")
+    p.add_argument("--title", default=None, help="page title")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("split", help="a leakage-free, stratified group split of a manifest (scikit-learn group splitters)")
+    p.add_argument("manifest", help="data manifest CSV")
+    p.add_argument("--group", required=True, help="column whose groups (e.g. patient) must not cross splits")
+    p.add_argument("--stratify", default="label", help="column to balance across splits (default label; 'none' for none)")
+    p.add_argument("--test", type=float, default=0.2, help="test fraction of the groups' rows (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="new manifest CSV (image paths rewritten to resolve from its folder)")
+    p.set_defaults(func=_cmd_split)
 
     p = sub.add_parser("probe", help="linear probes per layer for manifest columns, against a random-init baseline (probes.csv)")
     _add_store_source_args(p)

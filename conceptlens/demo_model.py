@@ -66,7 +66,7 @@ def _shift(x, gen):
     return xp[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
 
 
-def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, device="auto", progress=True):
+def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, device="auto", progress=True, manifest=None):
     """Train :class:`DemoCNN` on a concept world's ``train`` split and evaluate on ``test``.
 
     Parameters
@@ -82,6 +82,9 @@ def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, device="au
         ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``; recorded in the sidecar.
     progress : bool
         A tqdm bar over the epochs.
+    manifest : str or Path, optional
+        Train and evaluate on this manifest's ``train``/``test`` rows instead of the world's
+        ``manifest.csv`` (e.g. one re-split by ``conceptlens split``); its labels must be the world's classes.
 
     Returns
     -------
@@ -94,7 +97,7 @@ def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, device="au
     if not meta_path.is_file():
         raise ConceptLensError(f"{world} is not a concept world (no world.json); create one with `conceptlens world`")
     world_meta = json.loads(meta_path.read_text())
-    manifest = Manifest.read(world / "manifest.csv")
+    manifest = Manifest.read(world / "manifest.csv" if manifest is None else manifest)
     classes = list(world_meta["classes"])
     frame = manifest.frame
     unknown = set(frame["label"]) - set(classes)
@@ -152,6 +155,8 @@ def train_demo(world, out, epochs=12, batch_size=32, lr=3e-3, seed=0, device="au
         "world": str(world.resolve()),
         "world_seed": world_meta.get("config", {}).get("seed"),
         "world_hash": world_meta.get("content_hash"),
+        "manifest": str(manifest.path),
+        "manifest_hash": manifest.content_hash(),
         "train_seed": seed,
         "epochs": epochs,
         "device": str(device),

@@ -70,7 +70,8 @@ def grouped_bars(frame, group, bar, value, low, high, path, title, ylabel, refer
         x = np.arange(len(groups)) + (k - (len(bars) - 1) / 2) * width
         y = sub[value].to_numpy(dtype=float)
         err = np.vstack([y - sub[low].to_numpy(dtype=float), sub[high].to_numpy(dtype=float) - y])
-        ax.bar(x, y, width, yerr=np.nan_to_num(err), capsize=2, label=str(b))
+        # Clipped: a score interval's bound can sit a rounding error inside its estimate at 0 or 1.
+        ax.bar(x, y, width, yerr=np.clip(np.nan_to_num(err), 0, None), capsize=2, label=str(b))
         if marks is not None:
             for xi, yi, m in zip(x, sub[high].to_numpy(dtype=float), sub[marks].to_numpy()):
                 if m is True or m == 1:

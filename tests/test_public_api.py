@@ -20,6 +20,7 @@ MODULES = [
     "conceptlens.attribution.spray", "conceptlens.attribution.explain",
     "conceptlens.dissection", "conceptlens.core.broden", "conceptlens.dissection.quantiles",
     "conceptlens.dissection.iou", "conceptlens.dissection.dissect",
+    "conceptlens.review", "conceptlens.report", "conceptlens.report.review", "conceptlens.report.compare",
 ]
 
 

@@ -40,7 +40,7 @@ def tiny(tmp_path_factory):
 
 
 def test_public_api():
-    assert sorted(world_pkg.__all__) == ["PRESETS", "World", "WorldConfig", "generate_world"]
+    assert sorted(world_pkg.__all__) == ["HistoConfig", "PRESETS", "World", "WorldConfig", "generate_world"]
     assert "shapes" in PRESETS and PRESETS["shapes"]["classes"] == ("circle", "square", "triangle", "cross")
 
 

@@ -25,11 +25,14 @@ class Overview(Result):
         Logit order.
     provenance : dict
         Model spec, weights hash, manifest path and hash, ``n_images`` (manifest rows).
+    probabilities : ndarray
+        ``[len(predictions), len(classes)]`` softmax of the logits (the slice discovery's input).
     """
 
     predictions: pd.DataFrame = field(repr=False)
     classes: list
     provenance: dict = field(repr=False)
+    probabilities: np.ndarray = field(repr=False, default=None)
 
     KIND, META = "overview", "overview.json"
 
@@ -59,15 +62,17 @@ class Overview(Result):
     def to_frame(self):
         return self.predictions.copy()
 
-    def _write(self, directory):  # predictions.csv; overview.json
+    def _write(self, directory):  # predictions.csv, probabilities.npy; overview.json
         self.predictions.to_csv(directory / "predictions.csv", index=False)
+        np.save(directory / "probabilities.npy", self.probabilities)
         return {"classes": self.classes}
 
     @classmethod
     def _read(cls, directory, meta):
         frame = pd.read_csv(directory / "predictions.csv", keep_default_na=False,
                             dtype={"image": str, "label": str, "split": str, "predicted": str})
-        return cls(predictions=frame, classes=meta["classes"], provenance=meta["provenance"])
+        return cls(predictions=frame, classes=meta["classes"], provenance=meta["provenance"],
+                   probabilities=np.load(directory / "probabilities.npy"))
 
 
 def overview_from_logits(model, manifest, rows, logits):
@@ -85,6 +90,6 @@ def overview_from_logits(model, manifest, rows, logits):
         "predicted": np.asarray(classes)[logits.argmax(1)],
         "confidence": prob.max(1).round(6),
     })
-    return Overview(predictions=pred, classes=classes,
+    return Overview(predictions=pred, classes=classes, probabilities=prob.astype(np.float32),
                     provenance=provenance(model, manifest, preprocessing=model.preprocessing_for(manifest).to_dict(),
                                           n_images=len(manifest)))

@@ -71,7 +71,9 @@ def stage_capture(run, results):
             out["layout"] = ActivationStore.open(d / "layout")
         return out
 
-    got = run.stage("capture", {"layers": layers, "k": TOPK, "layout": layout, "layout_pool": LAYOUT_POOL}, compute, load)
+    # "overview": 2 since the overview keeps the class probabilities.
+    got = run.stage("capture", {"layers": layers, "k": TOPK, "layout": layout, "layout_pool": LAYOUT_POOL, "overview": 2},
+                    compute, load)
     return {"overview": got["overview"], "_capture": got}
 
 

@@ -76,6 +76,21 @@ class ReportSpec:
         TCAV audits: the class must not be sensitive to the concept.
     audit_not_decodable : tuple of str
         Probe audits: the attribute must not be decodable above its control task.
+    review_group : str or None
+        Dataset review (``conceptlens review``): the manifest column that groups rows (e.g. ``patient``);
+        a group in two splits is leakage.
+    review_sensitive : tuple of str
+        Attributes audited as shortcuts (e.g. ``site``, ``pen``).
+    review_group_attributes : tuple of str
+        Attributes that are properties of the group (a patient's site): a group with two values is an error.
+    review_layer : str or None
+        Layer whose features the slice discovery and label-issue probes use (default: the last of ``layers``).
+    review_split : str
+        The split the model is evaluated on (accuracy per group, slices); default ``test``.
+    review_slices : int
+        Slices to discover (Domino's ``n_slices``).
+    review_margin : float
+        Equivalence margin of a shortcut ``pass``: every within-class accuracy gap's 95 % CI inside ±margin.
     path : Path or None
         The spec file.
     """
@@ -107,6 +122,13 @@ class ReportSpec:
     spray_method: str = "lrp-epsilon-plus-flat"
     audit_insensitive: tuple = ()
     audit_not_decodable: tuple = ()
+    review_group: str | None = None
+    review_sensitive: tuple = ()
+    review_group_attributes: tuple = ()
+    review_layer: str | None = None
+    review_split: str = "test"
+    review_slices: int = 5
+    review_margin: float = 0.1
     path: Path | None = field(default=None, compare=False)
 
     def to_dict(self):
@@ -134,6 +156,9 @@ _TABLES = {
     "drilldown": {"methods": ("drill_methods", "names"), "samples": ("drill_samples", "int"),
                   "spray_classes": ("spray_classes", "names"), "spray_method": ("spray_method", "str")},
     "audits": {"insensitive": ("audit_insensitive", "pairs"), "not_decodable": ("audit_not_decodable", "names")},
+    "review": {"group": ("review_group", "str"), "sensitive": ("review_sensitive", "names"),
+               "group_attributes": ("review_group_attributes", "names"), "layer": ("review_layer", "str"),
+               "split": ("review_split", "str"), "slices": ("review_slices", "int"), "margin": ("review_margin", "float")},
 }
 _REQUIRED = {"model": "spec", "data": "manifest", "layers": "names"}
 _EMBED_METHODS = ("tsne", "umap", "pca")
@@ -254,6 +279,12 @@ def validate_spec(spec):
         raise ConceptLensError(f"{source}: [dataset] duplicate_threshold must be in (0, 1]; got {spec.duplicate_threshold}")
     if spec.tcav_runs is not None and spec.tcav_runs < 2:
         raise ConceptLensError(f"{source}: [concepts] runs must be at least 2 (10 or more for a meaningful test); got {spec.tcav_runs}")
+    if spec.review_layer is not None and spec.review_layer not in spec.layers:
+        raise ConceptLensError(f"{source}: [review] layer {spec.review_layer!r} must be one of [layers] names {list(spec.layers)}")
+    if spec.review_slices < 2:
+        raise ConceptLensError(f"{source}: [review] slices must be at least 2; got {spec.review_slices}")
+    if not 0 < spec.review_margin < 1:
+        raise ConceptLensError(f"{source}: [review] margin must be in (0, 1); got {spec.review_margin}")
     if spec.audit_insensitive and (spec.concepts is None or spec.random_pool is None):
         raise ConceptLensError(f"{source}: [audits] insensitive needs [concepts] dir and random_pool")
     return spec

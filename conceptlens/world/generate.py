@@ -1,5 +1,9 @@
 """Sampling and writing of a concept world: classification manifest, Broden set, concept folders.
 
+The ``shapes`` preset lives here, with the machinery every preset shares (validation, splits,
+label noise and near-duplicates, the writer, reuse of an existing world); the ``histo`` preset
+builds on it in :mod:`conceptlens.world.histo_world`.
+
 Every image depends only on ``(seed, role, index)``: its random generator comes from
 ``SeedSequence(seed, spawn_key=(role, index, ...))``, so the same configuration gives the same
 bytes, and changing one count does not reshuffle the other roles' images.
@@ -15,6 +19,7 @@ import math
 import numbers
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -27,6 +32,7 @@ from .. import __version__
 from ..core.broden import BrodenRecord, write_broden
 from ..core.hashing import hash_tree
 from ..errors import ConceptLensError, did_you_mean
+from . import histo as H
 from . import shapes as S
 
 __all__ = ["WorldConfig", "World", "generate_world", "PRESETS", "MANIFEST_COLUMNS"]
@@ -52,6 +58,12 @@ PRESETS = MappingProxyType({
         "subclass_of": "square",
         "subclass_values": ("solid", "hollow"),
     }),
+    # H&E-like tissue patches (config: conceptlens.world.histo_world.HistoConfig).
+    "histo": MappingProxyType({
+        "classes": H.TISSUES,
+        "subclass_of": "tumour",
+        "subclass_values": ("viable", "necrosis"),
+    }),
 })
 
 _NO_SUBCLASS = "none"  # `subclass` value of rows outside the sub-classed class
@@ -67,7 +79,8 @@ class WorldConfig:
     Attributes
     ----------
     preset : str
-        World family; ``"shapes"``: classes ``circle, square, triangle, cross``.
+        World family: ``"shapes"``, classes ``circle, square, triangle, cross`` (the ``"histo"``
+        preset has its own config class, :class:`~conceptlens.world.histo_world.HistoConfig`).
     n : int
         Classification images (train + test).
     size : int
@@ -138,8 +151,8 @@ class World:
         Class names in label order.
     concept_names : tuple of str
         Subfolders of ``concepts``.
-    config : WorldConfig
-        The configuration it was generated from.
+    config : WorldConfig or HistoConfig
+        The configuration it was generated from (the preset's config class).
     content_hash : str
         SHA-256 over all files of the world except ``world.json``.
     """
@@ -175,7 +188,7 @@ class World:
             )
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            config = WorldConfig(**meta["config"])
+            config = _preset(meta["config"].get("preset"))[0](**meta["config"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ConceptLensError(f"{meta_path} is not a valid world.json ({exc}); regenerate the world") from exc
         return cls(
@@ -225,35 +238,31 @@ def _split_counts(n, n_classes, test_fraction):
     return counts
 
 
-def _validate(cfg):
-    """Check every field of ``cfg``; return a normalised copy (plain int/float/bool types)."""
-    if not isinstance(cfg, WorldConfig):
-        raise ConceptLensError(f"the `config` parameter of generate_world must be a WorldConfig; got {type(cfg).__name__}")
-    if cfg.preset not in PRESETS:
-        raise _bad("preset", f"one of {list(PRESETS)}", cfg.preset, did_you_mean(cfg.preset, PRESETS, 1))
-    preset = PRESETS[cfg.preset]
-    classes = preset["classes"]
+def _class_name(cfg, name):
+    """Validate the field ``name`` of ``cfg``: a class of its preset."""
+    classes = PRESETS[cfg.preset]["classes"]
+    v = getattr(cfg, name)
+    if v not in classes:
+        raise _bad(name, f"a class of the {cfg.preset!r} preset {list(classes)}", v, did_you_mean(v, classes, 1))
+    return v
+
+
+def _common_values(cfg, min_size, max_size):
+    """Validate the fields every preset has; return them normalised (plain int/float types)."""
     values = dict(
-        n=_int(cfg, "n", 2 * len(classes)),
-        size=_int(cfg, "size", 16, 1024),
+        n=_int(cfg, "n", 2 * len(PRESETS[cfg.preset]["classes"])),
+        size=_int(cfg, "size", min_size, max_size),
         seed=_int(cfg, "seed", 0),
         test_fraction=_float(cfg, "test_fraction", 0, 1, open_=True),
-        tag_bias=_float(cfg, "tag_bias", 0, 1),
-        tag_base_rate=_float(cfg, "tag_base_rate", 0, 1),
         label_noise=_float(cfg, "label_noise", 0, 1),
         n_concept=_int(cfg, "n_concept", 1),
         n_random=_int(cfg, "n_random", 1),
         mask_scale=_int(cfg, "mask_scale", 1),
     )
-    if cfg.tag_class not in classes:
-        raise _bad("tag_class", f"a class of the {cfg.preset!r} preset {list(classes)}", cfg.tag_class,
-                   did_you_mean(cfg.tag_class, classes, 1))
-    if not isinstance(cfg.subclass, (bool, np.bool_)):
-        raise _bad("subclass", "True or False", cfg.subclass)
     if values["size"] // values["mask_scale"] < 4:
         raise _bad("mask_scale", f"small enough to leave masks of at least 4 px (size // mask_scale >= 4 with size "
                    f"{values['size']})", cfg.mask_scale)
-    counts = _split_counts(values["n"], len(classes), values["test_fraction"])
+    counts = _split_counts(values["n"], len(PRESETS[cfg.preset]["classes"]), values["test_fraction"])
     n_train, n_test = sum(c[0] for c in counts), sum(c[1] for c in counts)
     values["near_duplicates"] = _int(cfg, "near_duplicates", 0)
     if values["near_duplicates"] > min(n_train, n_test):
@@ -261,6 +270,16 @@ def _validate(cfg):
                    f"and test_fraction={values['test_fraction']}", cfg.near_duplicates)
     if cfg.n_broden is not None:
         values["n_broden"] = _int(cfg, "n_broden", 1)
+    return values
+
+
+def _validate(cfg):
+    """Check every field of a shapes ``cfg``; return a normalised copy (plain int/float/bool types)."""
+    values = _common_values(cfg, 16, 1024)
+    values.update(tag_bias=_float(cfg, "tag_bias", 0, 1), tag_base_rate=_float(cfg, "tag_base_rate", 0, 1),
+                  tag_class=_class_name(cfg, "tag_class"))
+    if not isinstance(cfg.subclass, (bool, np.bool_)):
+        raise _bad("subclass", "True or False", cfg.subclass)
     return dataclasses.replace(cfg, subclass=bool(cfg.subclass), **values)
 
 
@@ -308,22 +327,65 @@ def _render(cfg, spec):
                   spec.tag, hollow=spec.hollow)
 
 
-def _tag_probabilities(cfg, classes):
-    base, bias = cfg.tag_base_rate, cfg.tag_bias
-    return {c: (base + bias * (1 - base)) if c == cfg.tag_class else base * (1 - bias) for c in classes}
+def _render_image(cfg, spec):
+    return _render(cfg, spec).image
+
+
+def _biased_rates(classes, target, base, bias):
+    """Training rates of an attribute planted on class ``target``: base + bias·(1 − base) there,
+    base·(1 − bias) elsewhere (bias 0: ``base`` everywhere)."""
+    return {c: (base + bias * (1 - base)) if c == target else base * (1 - bias) for c in classes}
+
+
+def _stratified_split(cfg, layout):
+    """Balanced class indices of the ``n`` classification rows and their test mask, drawn from ``layout``."""
+    n_cls = len(PRESETS[cfg.preset]["classes"])
+    cls = layout.permutation(np.arange(cfg.n) % n_cls)
+    is_test = np.zeros(cfg.n, dtype=bool)
+    for c, (_, k) in enumerate(_split_counts(cfg.n, n_cls, cfg.test_fraction)):
+        is_test[layout.choice(np.flatnonzero(cls == c), size=k, replace=False)] = True
+    return cls, is_test
+
+
+def _plant_noise_and_duplicates(cfg, rows, specs, cls, is_test, noise_column):
+    """Plant label noise and near-duplicates in ``rows`` and ``specs`` (in place).
+
+    Label noise: a seeded subset of training rows gets another class as its ``label`` and 1 in
+    ``noise_column``. Near-duplicates: distinct test rows become copies of distinct train rows
+    (their spec and attributes, ``label`` = the source's ``true_label``, ``duplicate_of`` = its
+    image). Returns ``{test row: duplicate number}`` (the number seeds :func:`_perturb`).
+    """
+    classes = PRESETS[cfg.preset]["classes"]
+    n_cls = len(classes)
+    train_idx = np.flatnonzero(~is_test)
+    noise = _rng(cfg.seed, _NOISE)
+    k = round(cfg.label_noise * len(train_idx))
+    flipped = noise.choice(train_idx, size=k, replace=False) if k else np.array([], dtype=int)
+    shifts = noise.integers(1, n_cls, size=k)
+    for i, s in zip(flipped.tolist(), shifts.tolist()):
+        rows[i]["label"] = classes[(cls[i] + s) % n_cls]
+        rows[i][noise_column] = 1
+
+    dup_of = {}
+    K = cfg.near_duplicates
+    if K:
+        dup = _rng(cfg.seed, _DUPLICATE)
+        tests = np.sort(dup.choice(np.flatnonzero(is_test), size=K, replace=False))
+        sources = dup.choice(train_idx, size=K, replace=False)
+        for j, (t, s) in enumerate(zip(tests.tolist(), sources.tolist())):
+            specs[t] = specs[s]
+            rows[t] = {**rows[s], "image": rows[t]["image"], "split": "test", "label": rows[s]["true_label"],
+                       noise_column: 0, "duplicate_of": rows[s]["image"]}
+            dup_of[t] = j
+    return dup_of
 
 
 def _plan_classification(cfg):
     """Rows of the classification manifest, and the specs to draw (index-aligned)."""
     preset = PRESETS[cfg.preset]
     classes = preset["classes"]
-    n_cls = len(classes)
-    layout = _rng(cfg.seed, _LAYOUT)
-    cls = layout.permutation(np.arange(cfg.n) % n_cls)
-    is_test = np.zeros(cfg.n, dtype=bool)
-    for c, (_, k) in enumerate(_split_counts(cfg.n, n_cls, cfg.test_fraction)):
-        is_test[layout.choice(np.flatnonzero(cls == c), size=k, replace=False)] = True
-    p_train = _tag_probabilities(cfg, classes)
+    cls, is_test = _stratified_split(cfg, _rng(cfg.seed, _LAYOUT))
+    p_train = _biased_rates(classes, cfg.tag_class, cfg.tag_base_rate, cfg.tag_bias)
 
     specs, rows = [], []
     for i in range(cfg.n):
@@ -333,31 +395,7 @@ def _plan_classification(cfg):
         spec = _sample(cfg, (_CLASSIFY, i), p, shape=label)
         specs.append(spec)
         rows.append(_row(f"images/{split}/{i:05d}.png", split, label, spec, preset))
-
-    # Label noise: a seeded subset of training rows gets another class as its label.
-    train_idx = np.flatnonzero(~is_test)
-    noise = _rng(cfg.seed, _NOISE)
-    k = round(cfg.label_noise * len(train_idx))
-    flipped = noise.choice(train_idx, size=k, replace=False) if k else np.array([], dtype=int)
-    shifts = noise.integers(1, n_cls, size=k)
-    for i, s in zip(flipped.tolist(), shifts.tolist()):
-        rows[i]["label"] = classes[(cls[i] + s) % n_cls]
-        rows[i]["label_noise"] = 1
-
-    # Near-duplicates: distinct test rows become near-copies of distinct train rows.
-    dup = _rng(cfg.seed, _DUPLICATE)
-    K = cfg.near_duplicates
-    pairs = []
-    if K:
-        tests = np.sort(dup.choice(np.flatnonzero(is_test), size=K, replace=False))
-        sources = dup.choice(train_idx, size=K, replace=False)
-        for j, (t, s) in enumerate(zip(tests.tolist(), sources.tolist())):
-            specs[t] = specs[s]
-            row = _row(rows[t]["image"], "test", rows[s]["true_label"], specs[s], preset)
-            row["duplicate_of"] = rows[s]["image"]
-            rows[t] = row
-            pairs.append((t, j))
-    return rows, specs, dict(pairs)
+    return rows, specs, _plant_noise_and_duplicates(cfg, rows, specs, cls, is_test, "label_noise")
 
 
 def _row(image, split, label, spec, preset):
@@ -382,10 +420,6 @@ def _perturb(cfg, image, j):
         out = np.pad(out, ((1, 1), (1, 1), (0, 0)), mode="edge")[1 - dy:1 - dy + cfg.size, 1 - dx:1 - dx + cfg.size]
     out = out + rng.integers(-2, 3, size=out.shape, dtype=np.int16)
     return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def _concept_names(preset):
-    return tuple(preset["colors"]) + tuple(preset["textures"]) + ("tag",)
 
 
 # --------------------------------------------------------------------------- writing
@@ -429,115 +463,152 @@ def _broden_annotations(cfg, spec, table):
     return d.image, ann
 
 
-def _broden_table(cfg, specs, preset):
+def _broden_table(cfg, specs, names, annotate):
     """Label table (name → number from 1) of the labels that occur in the downsampled masks.
 
-    A cheap extra rendering pass: a label can vanish when masks are downsampled (e.g. the tag's
-    white pixels at ``mask_scale=2``), and label numbers should stay contiguous.
+    ``names`` maps each category to its candidate labels; ``annotate(cfg, spec, table)`` renders an
+    image and returns it with its annotations. A cheap extra rendering pass: a label can vanish
+    when masks are downsampled (e.g. the tag's white pixels at ``mask_scale=2``), and label numbers
+    should stay contiguous.
     """
-    names = _broden_names(preset)
     full = {name: i + 1 for i, name in enumerate(n for cat in names.values() for n in cat)}
     present = set()
     for spec in specs:
-        _, ann = _broden_annotations(cfg, spec, full)
-        present.add(ann["scene"][0])
-        for cat in ("color", "object", "texture"):
-            present |= set(np.unique(ann[cat][0]).tolist())
+        _, ann = annotate(cfg, spec, full)
+        for entries in ann.values():  # image-level numbers and masks alike
+            for entry in entries:
+                present |= set(np.unique(entry).tolist())
     kept = [name for name, number in full.items() if number in present]
     return {name: i + 1 for i, name in enumerate(kept)}
 
 
-def _broden_records(cfg, specs, table, bar):
+def _broden_records(cfg, specs, table, annotate, bar):
     sh = cfg.size // cfg.mask_scale
     for j, spec in enumerate(specs):
-        image, ann = _broden_annotations(cfg, spec, table)
+        image, ann = annotate(cfg, spec, table)
         bar.update(1)
         yield BrodenRecord(image=f"{j:05d}.png", split="train", ih=cfg.size, iw=cfg.size, sh=sh, sw=sh,
                            annotations=ann, pixels=image)
+
+
+def _write_images(folder, images, bar):
+    """Save ``images`` (an iterable of arrays) as ``folder/NNNNN.png``."""
+    folder.mkdir(parents=True)
+    for j, image in enumerate(images):
+        _save(image, folder / f"{j:05d}.png")
+        bar.update(1)
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """What the shared writer :func:`_write_world` needs from a preset."""
+
+    columns: tuple  # manifest columns
+    sample: Callable  # sample(cfg, key, p_artifact, **fixed) -> spec (p_artifact: rate of the planted artifact)
+    render: Callable  # render(cfg, spec) -> (size, size, 3) uint8 image
+    annotate: Callable  # annotate(cfg, spec, table) -> (image, {category: [label number or mask]})
+    broden_names: dict  # Broden category -> candidate label names, in label-number order
+    concepts: dict  # concept folder name -> fixed attributes of its images (artifact rate 0 unless fixed)
+    base_rate: float  # the artifact's rate in the Broden set and the random pool
+
+
+def _write_world(cfg, root, progress, version, drawing, rows, specs, dup_of, *, counts=None, **fields):
+    """Write a world to ``root``: classification images and manifest, Broden set, concepts, random pool, world.json.
+
+    ``rows`` and ``specs`` are the planned classification set, ``dup_of`` its near-duplicates (see
+    :func:`_plant_noise_and_duplicates`). ``world.json`` holds the generator and library versions,
+    the config, the concept names, the image counts (plus ``counts``), the Broden label table,
+    ``fields`` and the content hash.
+    """
+    n_test = sum(r["split"] == "test" for r in rows)
+    n_broden = cfg.n_broden
+    if n_broden is None:
+        n_broden = n_test
+        logger.info("n_broden=None: the Broden set gets as many images as the test split (%d)", n_broden)
+    broden_specs = [drawing.sample(cfg, (_BRODEN, j), drawing.base_rate) for j in range(n_broden)]
+    total = cfg.n + n_broden + len(drawing.concepts) * cfg.n_concept + cfg.n_random
+
+    with tqdm(total=total, desc="concept world", unit="img", disable=None if progress is None else not progress) as bar:
+        for split in ("train", "test"):
+            (root / "images" / split).mkdir(parents=True)
+        for i, (row, spec) in enumerate(zip(rows, specs)):
+            image = drawing.render(cfg, spec)
+            if i in dup_of:
+                image = _perturb(cfg, image, dup_of[i])
+            _save(image, root / row["image"])
+            bar.update(1)
+        with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=drawing.columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+        table = _broden_table(cfg, broden_specs, drawing.broden_names, drawing.annotate)
+        write_broden(root / "broden", _broden_records(cfg, broden_specs, table, drawing.annotate, bar),
+                     {v: k for k, v in table.items()}, categories=tuple(drawing.broden_names))
+
+        for q, (name, fixed) in enumerate(drawing.concepts.items()):
+            _write_images(root / "concepts" / name, (drawing.render(cfg, drawing.sample(cfg, (_CONCEPT, q, j), 0.0, **fixed))
+                                                     for j in range(cfg.n_concept)), bar)
+        _write_images(root / "random", (drawing.render(cfg, drawing.sample(cfg, (_RANDOM, j), drawing.base_rate))
+                                        for j in range(cfg.n_random)), bar)
+
+    meta = {
+        "generator": version,
+        "conceptlens_version": __version__,
+        "config": dataclasses.asdict(cfg),
+        "concepts": list(drawing.concepts),
+        "counts": {"train": cfg.n - n_test, "test": n_test, "broden": n_broden, "concept": cfg.n_concept,
+                   "random": cfg.n_random, **(counts or {})},
+        "broden_labels": table,
+        **fields,
+        "content_hash": hash_tree(root, exclude={"world.json"}),
+    }
+    (root / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write(cfg, root, progress):
     preset = PRESETS[cfg.preset]
     classes = tuple(preset["classes"])
     rows, specs, dup_of = _plan_classification(cfg)
-    n_test = sum(r["split"] == "test" for r in rows)
-    n_broden = cfg.n_broden if cfg.n_broden is not None else n_test
-    if cfg.n_broden is None:
-        logger.info("n_broden=None: the Broden set gets as many images as the test split (%d)", n_broden)
-    broden_specs = [_sample(cfg, (_BRODEN, j), cfg.tag_base_rate) for j in range(n_broden)]
-    concepts = _concept_names(preset)
-    total = cfg.n + n_broden + len(concepts) * cfg.n_concept + cfg.n_random
-
-    with tqdm(total=total, desc="concept world", unit="img", disable=None if progress is None else not progress) as bar:
-        for split in ("train", "test"):
-            (root / "images" / split).mkdir(parents=True)
-        for i, (row, spec) in enumerate(zip(rows, specs)):
-            image = _render(cfg, spec).image
-            if i in dup_of:
-                image = _perturb(cfg, image, dup_of[i])
-            _save(image, root / row["image"])
-            bar.update(1)
-        with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-
-        table = _broden_table(cfg, broden_specs, preset)
-        write_broden(root / "broden", _broden_records(cfg, broden_specs, table, bar),
-                     {v: k for k, v in table.items()}, categories=("color", "object", "texture", "scene"))
-
-        for q, name in enumerate(concepts):
-            folder = root / "concepts" / name
-            folder.mkdir(parents=True)
-            for j in range(cfg.n_concept):
-                key = (_CONCEPT, q, j)
-                if name == "tag":
-                    spec = _sample(cfg, key, 1.0, tag=True)
-                elif name in preset["colors"]:
-                    spec = _sample(cfg, key, 0.0, color=name, tag=False)
-                else:
-                    spec = _sample(cfg, key, 0.0, texture=name, tag=False)
-                _save(_render(cfg, spec).image, folder / f"{j:05d}.png")
-                bar.update(1)
-
-        (root / "random").mkdir()
-        for j in range(cfg.n_random):
-            spec = _sample(cfg, (_RANDOM, j), cfg.tag_base_rate)
-            _save(_render(cfg, spec).image, root / "random" / f"{j:05d}.png")
-            bar.update(1)
-
-    n_train = cfg.n - n_test
-    meta = {
-        "generator": GENERATOR_VERSION,
-        "conceptlens_version": __version__,
-        "config": dataclasses.asdict(cfg),
-        "classes": list(classes),
-        "concepts": list(concepts),
-        "attributes": {
+    concepts = {**{c: dict(color=c, tag=False) for c in preset["colors"]},
+                **{t: dict(texture=t, tag=False) for t in preset["textures"]}, "tag": dict(tag=True)}
+    drawing = _Drawing(MANIFEST_COLUMNS, _sample, _render_image, _broden_annotations, _broden_names(preset), concepts,
+                       cfg.tag_base_rate)
+    _write_world(
+        cfg, root, progress, GENERATOR_VERSION, drawing, rows, specs, dup_of,
+        classes=list(classes),
+        attributes={
             "color": list(preset["colors"]),
             "texture": list(preset["textures"]),
             "scene": list(preset["scenes"]),
             "subclass": [_NO_SUBCLASS, *preset["subclass_values"]],
         },
-        "counts": {"train": n_train, "test": n_test, "broden": n_broden,
-                   "concept": cfg.n_concept, "random": cfg.n_random},
-        "planted": {
+        planted={
             "tag_class": cfg.tag_class,
-            "p_tag_train": _tag_probabilities(cfg, classes),
+            "p_tag_train": _biased_rates(classes, cfg.tag_class, cfg.tag_base_rate, cfg.tag_bias),
             "p_tag_test": cfg.tag_base_rate,
             "subclass_of": preset["subclass_of"] if cfg.subclass else None,
             "label_noise_rows": int(sum(r["label_noise"] for r in rows)),
             "near_duplicates": cfg.near_duplicates,
         },
-        "broden_labels": table,
-        "content_hash": hash_tree(root, exclude={"world.json"}),
-    }
-    (root / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    )
 
 
 def _config_diff(old, new):
     keys = sorted(set(old) | set(new))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _preset(name):
+    """``(config class, validate, write, generator version)`` of preset ``name``.
+
+    The ``histo`` preset's module builds on this one, so it is imported on first use.
+    """
+    if name == "histo":
+        from . import histo_world
+
+        return histo_world.HistoConfig, histo_world._validate, histo_world._write, histo_world.GENERATOR_VERSION
+    return WorldConfig, _validate, _write, GENERATOR_VERSION
 
 
 def generate_world(out_dir, config=None, *, progress=None, **overrides):
@@ -548,12 +619,14 @@ def generate_world(out_dir, config=None, *, progress=None, **overrides):
     out_dir : str or Path
         Directory to create (or an empty one). If it already holds a world of the same
         configuration, that world is returned without regenerating.
-    config : WorldConfig, optional
-        Base configuration (default: ``WorldConfig()``).
+    config : WorldConfig or HistoConfig, optional
+        Base configuration (default: the preset's config class with its defaults; the preset is
+        ``overrides["preset"]``, else ``config.preset``, else ``"shapes"``).
     progress : bool or None, default None
         Show a tqdm progress bar; None shows it only on a terminal.
     **overrides
-        Fields of :class:`WorldConfig` to replace, e.g. ``n=200, size=32``.
+        Fields of the preset's config class to replace, e.g. ``n=200, size=32`` or
+        ``preset="histo", site_bias=0.0``.
 
     Returns
     -------
@@ -567,13 +640,18 @@ def generate_world(out_dir, config=None, *, progress=None, **overrides):
 
     Notes
     -----
-    ``manifest.csv`` columns: ``image`` (relative to the CSV), ``split`` (``train``/``test``),
-    ``label`` (the class used for training; differs from ``true_label`` on label-noise rows),
-    ``color``, ``texture``, ``scene``, ``has_tag`` (0/1), ``subclass`` (``solid``/``hollow`` for
-    squares, ``none`` for other classes), ``true_label``, ``label_noise`` (0/1), ``duplicate_of``
-    (the train image a planted near-duplicate test image copies; empty otherwise).
+    The ``histo`` preset (H&E-like patches, :class:`~conceptlens.world.histo_world.HistoConfig`)
+    documents its manifest columns, Broden labels and planted effects in
+    :mod:`conceptlens.world.histo_world`; the layout of ``out_dir`` below is common to both presets.
 
-    Broden categories: ``color`` (object pixels get the object colour; the tag's light pixels
+    ``shapes`` ``manifest.csv`` columns: ``image`` (relative to the CSV), ``split``
+    (``train``/``test``), ``label`` (the class used for training; differs from ``true_label`` on
+    label-noise rows), ``color``, ``texture``, ``scene``, ``has_tag`` (0/1), ``subclass``
+    (``solid``/``hollow`` for squares, ``none`` for other classes), ``true_label``,
+    ``label_noise`` (0/1), ``duplicate_of`` (the train image a planted near-duplicate test image
+    copies; empty otherwise).
+
+    ``shapes`` Broden categories: ``color`` (object pixels get the object colour; the tag's light pixels
     ``white``, its dark "x" ``black``), ``object`` (the shape name over object pixels, ``tag`` over
     the tag square), ``texture`` (pixel masks over object pixels) and ``scene`` (image-level). All
     rows have split ``train``. Only labels that occur in the (downsampled) masks are listed, so
@@ -586,14 +664,20 @@ def generate_world(out_dir, config=None, *, progress=None, **overrides):
     hash). The world is written to a temporary sibling directory and renamed into place, so an
     interrupted run leaves nothing behind at ``out_dir``.
     """
-    base = WorldConfig() if config is None else config
-    if not isinstance(base, WorldConfig):
-        raise ConceptLensError(f"the `config` parameter of generate_world must be a WorldConfig; got {type(base).__name__}")
-    fields = [f.name for f in dataclasses.fields(WorldConfig)]
+    name = overrides.get("preset", getattr(config, "preset", "shapes"))
+    if name not in PRESETS:
+        raise _bad("preset", f"one of {list(PRESETS)}", name, did_you_mean(name, PRESETS, 1))
+    config_class, validate, write, version = _preset(name)
+    base = config_class() if config is None else config
+    if not isinstance(base, config_class):
+        raise ConceptLensError(f"the `config` parameter of generate_world must be a {config_class.__name__} for the "
+                               f"{name!r} preset; got {type(base).__name__}")
+    fields = [f.name for f in dataclasses.fields(config_class)]
     for key in overrides:
         if key not in fields:
-            raise ConceptLensError(f"generate_world got an unknown parameter {key!r}{did_you_mean(key, fields, 1)} (valid: {', '.join(fields)})")
-    cfg = _validate(dataclasses.replace(base, **overrides))
+            raise ConceptLensError(f"generate_world got an unknown parameter {key!r} for the {name!r} preset"
+                                   f"{did_you_mean(key, fields, 1)} (valid: {', '.join(fields)})")
+    cfg = validate(dataclasses.replace(base, **overrides))
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -609,12 +693,12 @@ def generate_world(out_dir, config=None, *, progress=None, **overrides):
         except ValueError as exc:
             raise ConceptLensError(f"{meta_path} is not valid JSON ({exc}); delete {out} and regenerate") from exc
         want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        if meta.get("config") == want and meta.get("generator") == GENERATOR_VERSION:
+        if meta.get("config") == want and meta.get("generator") == version:
             logger.info("%s already holds a concept world with this configuration; reusing it", out)
             return World.load(out)
         diff = _config_diff(meta.get("config") or {}, want)
-        if meta.get("generator") != GENERATOR_VERSION:
-            diff = ", ".join(filter(None, [diff, f"generator: {meta.get('generator')!r} -> {GENERATOR_VERSION}"]))
+        if meta.get("generator") != version:
+            diff = ", ".join(filter(None, [diff, f"generator: {meta.get('generator')!r} -> {version}"]))
         raise ConceptLensError(
             f"{out} holds a concept world of another configuration ({diff}); delete it or choose another directory"
         )
@@ -624,7 +708,7 @@ def generate_world(out_dir, config=None, *, progress=None, **overrides):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(cfg, tmp, progress)
+        write(cfg, tmp, progress)
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename cannot replace it everywhere
         tmp.rename(out)
