@@ -448,11 +448,11 @@ def review_from_results(run, results):
 # --------------------------------------------------------------------------- the build
 
 def _review_spec(spec, manifest):
-    """The report stages this review needs: probes of label and the sensitive attributes, k-NN and
+    """The report stages this review needs: probes of the sensitive attributes, k-NN and
     near-duplicates ("dataset"), TCAV of the attributes' concept folders."""
     folders = sorted({f for a in spec.review_sensitive for f in _concept_folders(spec, manifest, a)})
     sections = ("dataset", "concepts") if folders else ("dataset",)
-    return dataclasses.replace(spec, sections=sections, probe_targets=("label", *spec.review_sensitive),
+    return dataclasses.replace(spec, sections=sections, probe_targets=tuple(spec.review_sensitive),
                                concept_names=tuple(folders) or None, audit_insensitive=(), audit_not_decodable=())
 
 
