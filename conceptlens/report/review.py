@@ -258,7 +258,7 @@ def _shortcut_findings(run, results, pred, ev, ev_features, group_metrics):
         t = tests[i]
         evidence = [f"largest within-class accuracy gap {t['gap']:.2f} (class {t['gap_class']}: {attr}={t['best_value']} "
                     f"{t['best_accuracy']:.2f} vs {attr}={t['worst_value']} {t['worst_accuracy']:.2f}); stratified "
-                    f"chi-square {t['statistic']:.1f} on {t['dof']} dof, p_adj {p_adj[i]:.2g} (Holm over "
+                    f"chi-square {t['statistic']:.1f} ({t['dof']} dof), permutation p_adj {p_adj[i]:.2g} (Holm over "
                     f"{len(attrs)} attributes)"]
         if audits is not None:
             a = audits.iloc[i]
@@ -373,12 +373,10 @@ def _leakage_findings(run, results):
     else:
         splits = sorted(set(frame["split"].astype(str)))
         counts = pd.DataFrame([(a, b) for i, a in enumerate(splits) for b in splits[i + 1:]], columns=["split_a", "split_b"])
-        counts["groups"] = 0
+        counts["groups"] = np.nan  # no group column: not counted
     key = [" | ".join(sorted(p)) for p in zip(counts["split_a"].astype(str), counts["split_b"].astype(str))]
     counts["near_duplicates"] = [int(dup_counts.get(k, 0)) for k in key]
-    if not spec.review_group:
-        counts = counts.drop(columns=["groups"]).assign(groups=np.nan)[["split_a", "split_b", "groups", "near_duplicates"]]
-    tables["leakage_counts"] = counts
+    tables["leakage_counts"] = counts[["split_a", "split_b", "groups", "near_duplicates"]]
     if dup is not None:
         n = len(leaks)
         findings.append({
