@@ -31,6 +31,10 @@ device = "cpu"
 manifest = "{manifest}"
 [layers]
 names = ["relu1", "conv3", "conv4"]
+[concepts]
+dir = "{world}/concepts"
+random_pool = "{world}/random"
+layers = ["conv4"]
 [dataset]
 layer = "relu1"
 duplicate_threshold = 0.99
@@ -62,7 +66,8 @@ def _world_and_model(name, seed, fixed=False, **kw):
 
 def _review(tmp, name, weights, manifest, title=None):
     spec_path = tmp / f"{name}.toml"
-    spec_path.write_text(SPEC.format(title=title or name, weights=weights, manifest=manifest))
+    world = Path(weights).parent / "world"
+    spec_path.write_text(SPEC.format(title=title or name, weights=weights, manifest=manifest, world=world))
     return build_review(load_spec(spec_path), tmp / name, progress=False)
 
 
@@ -92,6 +97,11 @@ def test_site_and_pen_shortcuts_fail_for_the_biased_model_only(reviews):
     gm = r["biased"][1].result.tables["group_metrics"]
     cells = gm[(gm["attribute"] == "site") & (gm["class"] != "(all)")]
     assert len(cells) == 9 and (cells["ci_low"] <= cells["accuracy"]).all() and (cells["accuracy"] <= cells["ci_high"]).all()
+    # TCAV of the attributes' concept folders (pen; one per site) is part of the evidence.
+    tcav = r["biased"][1].result.tables["shortcut_tcav"]
+    assert set(tcav["concept"]) == {"pen", "site0", "site1", "site2"}
+    assert set(tcav.groupby("attribute")["concept"].unique().explode()) == {"pen", "site0", "site1", "site2"}
+    assert {"shortcut_decodability", "shortcut_alignment"} <= set(r["biased"][1].result.tables)
 
 
 def test_every_leaking_patient_is_listed_and_none_after_the_split(reviews, tmp_path):
@@ -172,7 +182,7 @@ def _absolute(manifest):
 
 def _bad_spec(tmp_path, manifest, **review):
     lines = [f'{k} = {json.dumps(v)}' for k, v in review.items()]
-    text = SPEC.split("[review]")[0].format(title="bad", weights=tmp_path / "missing.pt", manifest=manifest)
+    text = SPEC.split("[concepts]")[0].format(title="bad", weights=tmp_path / "missing.pt", manifest=manifest)
     path = tmp_path / "bad.toml"
     path.write_text(text + "[review]\n" + "\n".join(lines) + "\n")
     return path
