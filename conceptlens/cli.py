@@ -93,7 +93,8 @@ def _cmd_world(args):
 def _cmd_train_demo(args):
     from .demo_model import train_demo
 
-    side = train_demo(args.world, args.out, epochs=args.epochs, seed=args.seed, device=args.device, progress=not args.quiet)
+    side = train_demo(args.world, args.out, epochs=args.epochs, seed=args.seed, device=args.device, progress=not args.quiet,
+                      manifest=args.manifest)
     print(f"demo CNN saved to {args.out} (+ sidecar {Path(args.out).with_suffix('.json')}): "
           f"test accuracy {side['test_accuracy']:.3f}, trained in {side['train_seconds']:.0f} s")
 
@@ -480,6 +481,8 @@ def build_parser():
 
     p = sub.add_parser("train-demo", help="train the demo CNN on a concept world")
     p.add_argument("--world", required=True, help="concept world directory")
+    p.add_argument("--manifest", default=None,
+                   help="train/test on this manifest instead of the world's (e.g. one re-split by `conceptlens split`)")
     p.add_argument("--out", required=True, help="weights file to write (.pt; sidecar .json beside it)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
