@@ -151,23 +151,21 @@ def _print_report(result):
     print(f"report: {result.index}  (analyses {result.analysis_seconds:.1f} s, rendering {result.render_seconds:.1f} s)")
 
 
+def _print_stage(name, seconds, cached):
+    print(f"  {name:<12} {seconds:6.1f} s{'  (cached)' if cached else ''}", flush=True)
+
+
 def _cmd_report(args):
     from .report import build_report, load_spec
 
-    def on_stage(name, seconds, cached):
-        print(f"  {name:<12} {seconds:6.1f} s{'  (cached)' if cached else ''}", flush=True)
-
-    _print_report(build_report(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=on_stage))
+    _print_report(build_report(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=_print_stage))
 
 
 def _cmd_review(args):
     from .report import load_spec
     from .report.review import build_review
 
-    def on_stage(name, seconds, cached):
-        print(f"  {name:<12} {seconds:6.1f} s{'  (cached)' if cached else ''}", flush=True)
-
-    built = build_review(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=on_stage)
+    built = build_review(load_spec(args.spec), args.out, progress=not args.quiet, on_stage=_print_stage)
     print(f"review: {built.index}  (analyses {built.analysis_seconds:.1f} s, rendering {built.render_seconds:.1f} s)")
     for r in built.result.findings.itertuples():
         print(f"  {r.verdict:<12} {r.id:<28} {r.statistic} {r.value:.3g}")
