@@ -379,6 +379,42 @@ def _cmd_spray(args):
     _print_skipped(result.skipped)
 
 
+def _cmd_decision_tree(args):
+    from .data import Manifest
+    from .decision import decision_tree
+    from .models import load_model
+    from .plotting import decision_tree_plot, write_mode_gallery
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    labels = directions = None
+    if args.dissection:
+        from .dissection import DissectionResult
+
+        labels = DissectionResult.load(args.dissection).unit_labels(args.layer, interpretable=args.interpretable_only)
+    if args.concepts:
+        from .concepts import TCAVResult
+
+        directions = TCAVResult.load(args.concepts).concept_directions(args.layer)
+    result = decision_tree(model, manifest, args.layer, args.cls, split=args.split, select=args.select, unit_labels=labels,
+                           directions=directions, n_modes=args.modes, cells=args.cells, prototypes=args.prototypes,
+                           max_images=args.max_images, seed=args.seed, batch_size=args.batch_size,
+                           preprocessing=_preprocessing(args, model, manifest), progress=not args.quiet)
+    out = result.save(args.out)
+    params = result.provenance["parameters"]
+    decision_tree_plot(result.nodes, out / "tree.png", f"decision modes of {params['class_name']} at {args.layer}")
+    write_mode_gallery(result, manifest.root, out)
+    print(f"decision modes of class {params['class_name']!r} at {args.layer}: {len(result.images)} images, "
+          f"{int(result.nodes['mode'].sum())} modes; root: {result.nodes.iloc[0]['rationale']} -> {out}")
+    for r in result.modes.itertuples():
+        fid = "n/a" if r.fidelity_r2 != r.fidelity_r2 else f"{r.fidelity_r2:.2f}"
+        print(f"  mode #{r.node:<3} {r.size:>5} images  fidelity R² {fid:>5}  {r.rationale}")
+    if args.route:
+        routed = result.route(model, args.route, batch_size=args.batch_size, progress=not args.quiet)
+        routed.to_csv(out / "routes.csv", index=False)
+        print(f"routed {len(routed)} images of {args.route} -> {out / 'routes.csv'}")
+
+
 def _cmd_tcav(args):
     from .concepts import TCAV
     from .concepts.stats import format_p
@@ -609,6 +645,26 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (assignments.csv, clusters.csv, prototypes.npy, ...)")
     p.set_defaults(func=_cmd_spray)
+    p = sub.add_parser("decision-tree", help="decision modes: a tree of what a class logit relies on, unit by unit (Zhang et al. 2019)")
+    _add_model_args(p, layers=False)
+    _add_data_args(p)
+    p.add_argument("--layer", required=True, help="a convolutional layer (post-ReLU works best; see `conceptlens layers MODEL`)")
+    p.add_argument("--class", dest="cls", required=True, help="the class explained (a model class name or logit index)")
+    p.add_argument("--split", default=None, help="only rows of this split")
+    p.add_argument("--select", default="label", choices=["label", "predicted"],
+                   help="explain the images labelled the class (default) or those the model assigns to it")
+    p.add_argument("--dissection", default=None, help="a `conceptlens dissect` output of this layer: read units by concept label")
+    p.add_argument("--interpretable-only", action="store_true",
+                   help="label only units whose IoU reaches the dissection's threshold (default: every live unit's best label)")
+    p.add_argument("--concepts", default=None, help="a `conceptlens tcav` output of this layer: report the logit share through each CAV")
+    p.add_argument("--modes", type=int, default=8, help="leaves of the tree (default 8)")
+    p.add_argument("--cells", type=int, default=2, help="split each unit's contribution over a CxC grid of its map (default 2; 1 = per unit)")
+    p.add_argument("--prototypes", type=int, default=6, help="prototype images per node (default 6)")
+    p.add_argument("--max-images", type=int, default=None, help="at most N images (seeded subsample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--route", default=None, metavar="MANIFEST", help="also route these images to their modes (OUT/routes.csv)")
+    p.add_argument("--out", required=True, help="output folder (nodes.csv, node_places.csv, images.csv, tree.png, modes/*.png, ...)")
+    p.set_defaults(func=_cmd_decision_tree)
     p = sub.add_parser("tcav", help="concept sensitivity (TCAV) with calibrated significance and bias audits")
     _add_model_args(p)
     _add_data_args(p)

@@ -31,7 +31,8 @@ from scipy import ndimage  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 __all__ = ["confusion_plot", "grouped_bars", "depth_plot", "scatter_plot", "heatmap_scale", "heatmap_rgb", "overlay_rgb",
-           "unit_panel", "enlarge", "topk_thumbnail", "strip", "save_png", "write_explanation_gallery", "write_unit_gallery"]
+           "unit_panel", "enlarge", "topk_thumbnail", "strip", "save_png", "write_explanation_gallery", "write_unit_gallery",
+           "decision_tree_plot", "prototype_strip", "write_mode_gallery"]
 
 
 def _save(fig, path):
@@ -116,6 +117,43 @@ def scatter_plot(xy, values, path, title):
     ax.set_title(title, fontsize=10)
     if len(cats) <= 12:
         ax.legend(fontsize=7, markerscale=2, loc="best")
+    return _save(fig, path)
+
+
+def decision_tree_plot(nodes, path, title):
+    """The decision-mode tree: one box per node (id, size, leading group and share, fidelity R^2),
+    leaves in depth-first order along the bottom, each parent above the middle of its children."""
+    nodes = nodes.set_index("node")
+    x, leaves = {}, []
+
+    def place(v):  # iterative depth-first walk: the tree is shallow, but keep it stack-safe
+        stack = [(v, False)]
+        while stack:
+            n, seen = stack.pop()
+            if nodes.at[n, "mode"]:
+                x[n] = len(leaves)
+                leaves.append(n)
+            elif seen:
+                x[n] = (x[int(nodes.at[n, "left"])] + x[int(nodes.at[n, "right"])]) / 2
+            else:
+                stack += [(n, True), (int(nodes.at[n, "right"]), False), (int(nodes.at[n, "left"]), False)]
+
+    place(int(nodes.index[0]))
+    depth = nodes["depth"].max()
+    fig, ax = plt.subplots(figsize=(1.0 + 1.9 * len(leaves), 1.2 + 1.1 * (depth + 1)))
+    for n, row in nodes.iterrows():
+        if row["parent"] >= 0:
+            p = int(row["parent"])
+            ax.plot([x[p], x[n]], [-nodes.at[p, "depth"], -row["depth"]], color="0.6", lw=1, zorder=1)
+    for n, row in nodes.iterrows():
+        fid = "" if pd.isna(row["fidelity_r2"]) else f"\nR² {row['fidelity_r2']:.2f}"
+        text = f"#{n}  n={row['size']}\n{row['leading']}\n{row['leading_share']:.2f}{fid}"
+        ax.text(x[n], -row["depth"], text, ha="center", va="center", fontsize=7, zorder=2,
+                bbox={"boxstyle": "round", "fc": "#fde0c5" if row["mode"] else "#e8eef7", "ec": "0.5"})
+    ax.set_xlim(-0.7, len(leaves) - 0.3)
+    ax.set_ylim(-depth - 0.6, 0.6)
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -246,4 +284,31 @@ def write_unit_gallery(result, broden, directory, progress=False):
                 listing.append({"layer": layer, "unit": int(unit), "path": rel.as_posix()})
     frame = pd.DataFrame(listing, columns=["layer", "unit", "path"])
     frame.to_csv(d / "images.csv", index=False)
+    return frame
+
+
+def prototype_strip(tree, node, root, size=64):
+    """A strip of a decision node's prototype images (paths in the tree's ``images`` table are relative
+    to ``root``, the manifest's folder), or ``None`` when it has none."""
+    paths = tree.images.set_index("manifest_row")["image"]
+    rows = [int(r) for r in str(tree.nodes.set_index("node").at[node, "prototypes"]).split()]
+    if not rows:
+        return None
+    return strip([enlarge(np.asarray(Image.open(Path(root) / paths[r]).convert("RGB")), size) for r in rows])
+
+
+def write_mode_gallery(tree, root, directory):
+    """``modes/node_NN.png`` (:func:`prototype_strip` of every node of a
+    :class:`~conceptlens.decision.DecisionTreeResult`) and ``modes/images.csv`` (``node, path``)."""
+    d = Path(directory)
+    (d / "modes").mkdir(parents=True, exist_ok=True)
+    listing = []
+    for node in tree.nodes["node"]:
+        panel = prototype_strip(tree, node, root)
+        if panel is not None:
+            rel = Path("modes") / f"node_{node:02d}.png"
+            save_png(panel, d / rel)
+            listing.append({"node": int(node), "path": rel.as_posix()})
+    frame = pd.DataFrame(listing, columns=["node", "path"])
+    frame.to_csv(d / "modes" / "images.csv", index=False)
     return frame

@@ -76,6 +76,25 @@ def demo_weights(world_dir):
 
 
 @pytest.fixture(scope="session")
+def unbiased_world_dir():
+    """The same world without the planted shortcut (tag_bias 0), with enough concept images for a
+    powered TCAV audit."""
+    from conceptlens.world import generate_world
+
+    config = dict(WORLD_CONFIG, tag_bias=0.0, n_concept=100)
+    return _cached("world-unbiased", _source_hash(config), lambda d: generate_world(d / "world", progress=False, **config)) / "world"
+
+
+@pytest.fixture(scope="session")
+def unbiased_demo_weights(unbiased_world_dir):
+    from conceptlens.demo_model import train_demo
+
+    key = _source_hash(WORLD_CONFIG, TRAIN_CONFIG, "unbiased")
+    root = _cached("demo-unbiased", key, lambda d: train_demo(unbiased_world_dir, d / "demo.pt", progress=False, **TRAIN_CONFIG))
+    return root / "demo.pt"
+
+
+@pytest.fixture(scope="session")
 def demo_model(demo_weights):
     from conceptlens.models import load_model
 

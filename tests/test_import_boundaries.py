@@ -12,7 +12,7 @@ import pytest
 import conceptlens
 
 PACKAGE = Path(conceptlens.__file__).parent
-ANALYZERS = ("concepts", "dissection", "representation", "attribution", "review")
+ANALYZERS = ("concepts", "dissection", "representation", "attribution", "review", "decision")
 SHARED = {"core", "models", "data", "errors", "_lazy", "_threads"}
 
 

@@ -21,6 +21,7 @@ MODULES = [
     "conceptlens.dissection", "conceptlens.core.broden", "conceptlens.dissection.quantiles",
     "conceptlens.dissection.iou", "conceptlens.dissection.dissect",
     "conceptlens.review", "conceptlens.report", "conceptlens.report.review", "conceptlens.report.compare",
+    "conceptlens.decision", "conceptlens.decision.contributions", "conceptlens.decision.tree",
 ]
 
 

@@ -13,10 +13,8 @@ import torch
 from browser import inspect_page, require_chromium
 from PIL import Image
 
-from conceptlens.demo_model import train_demo
 from conceptlens.report import SECTIONS, build_report, load_spec
 from conceptlens.report.sections import audit_verdicts
-from conceptlens.world import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 XSS = "<script>alert(1)</script>"
@@ -47,6 +45,9 @@ samples = 1
 spray_classes = ["circle"]
 [audits]
 insensitive = ["tag:circle"]
+[decision]
+classes = ["circle"]
+modes = 4
 """
 
 
@@ -95,7 +96,7 @@ def test_every_section_has_content_and_tables_are_saved(built):
     html = result.index.read_text()
     assert "Not built" not in html
     for table in ("accuracy", "predictions", "audits", "tcav", "probes", "embedding", "duplicates", "label_issues",
-                  "drilldown", "topk"):
+                  "drilldown", "topk", "decision-circle-nodes"):
         assert (out / "tables" / f"{table}.csv").is_file(), table
     tcav = pd.read_csv(out / "tables" / "tcav.csv")
     assert set(tcav["concept"]) == {"tag", XSS}
@@ -107,6 +108,10 @@ def test_every_section_has_content_and_tables_are_saved(built):
     k = members.loc[members["manifest_row"].isin(drill["row"]), "cluster"].value_counts().index[0]
     assert f"fall in cluster {k}, the strategy it points at" in html
     assert "score - null" in html or "more sensitive than random" in html
+    # decision modes of circle at the last layer, read by the dissection's labels of conv4
+    nodes = pd.read_csv(out / "tables" / "decision-circle-nodes.csv")
+    assert nodes["mode"].sum() == 4 and nodes.loc[0, "size"] == 300 and "Decision modes: circle" in html
+    assert not nodes["leading"].str.startswith("unit ").any()
 
 
 def test_rerun_with_unchanged_spec_reuses_results(built):
@@ -121,17 +126,14 @@ def test_rerun_with_unchanged_spec_reuses_results(built):
     assert first.render_seconds < 0.25 * first.analysis_seconds
 
 
-def test_tag_audit_fails_on_biased_and_does_not_fail_on_unbiased_model(built, tmp_path, world_dir):
+def test_tag_audit_fails_on_biased_and_does_not_fail_on_unbiased_model(built, tmp_path, unbiased_world_dir,
+                                                                       unbiased_demo_weights):
     spec, out, result, _ = built
     verdicts = {r["name"]: r["verdict"] for r in audit_verdicts(spec, _results_of(out))}
     assert verdicts["class circle must not be sensitive to concept tag"] == "fail"
 
-    from conftest import TRAIN_CONFIG, WORLD_CONFIG
-
-    unbiased = generate_world(tmp_path / "world", progress=False, **dict(WORLD_CONFIG, tag_bias=0.0, n_concept=100))
-    train_demo(unbiased.root, tmp_path / "model" / "demo.pt", progress=False, **TRAIN_CONFIG)
-    spec_u = _write_spec(tmp_path / "spec.toml", tmp_path / "model" / "demo.pt", unbiased.root,
-                         unbiased.root / "concepts", sections=["overview", "audits"], title="unbiased")
+    spec_u = _write_spec(tmp_path / "spec.toml", unbiased_demo_weights, unbiased_world_dir,
+                         unbiased_world_dir / "concepts", sections=["overview", "audits"], title="unbiased")
     res_u = build_report(spec_u, tmp_path / "out", progress=False)
     audits = pd.read_csv(tmp_path / "out" / "tables" / "audits.csv").set_index("name")
     row = audits.loc["class circle must not be sensitive to concept tag"]
@@ -163,6 +165,7 @@ def test_report_makes_one_pass_over_the_manifest(tmp_path, demo_weights, world_d
     text = SPEC.format(weights=demo_weights, world=world_dir, concepts=world_dir / "concepts", title="passes",
                        sections=json.dumps(["overview", "layers", "dataset"]))
     text = text.replace('insensitive = ["tag:circle"]', "").replace('spray_classes = ["circle"]', "")
+    text = text.replace("[decision]\nclasses = [\"circle\"]\nmodes = 4\n", "")  # decision modes run a gradient pass of their own
     (tmp_path / "spec.toml").write_text(text)
     spec = load_spec(tmp_path / "spec.toml")
     by_stage = {}

@@ -421,6 +421,25 @@ class TCAVResult(Result):
             })
         return pd.DataFrame(rows)
 
+    def concept_directions(self, layer, concepts=None):
+        """``{concept: unit vector}``: the normalised mean of each concept's CAVs at ``layer``.
+
+        In the space the CAVs were fitted in (flattened maps for ``pool="none"``, channels for a
+        pooled TCAV); e.g. for ``decision_tree(directions=...)``.
+        """
+        cavs = self.cavs[(self.cavs["layer"] == layer) & (self.cavs["role"] == "concept")]
+        if not len(cavs):
+            raise ConceptLensError(f"no concept CAVs at layer {layer!r}; layers: {', '.join(sorted(self.cav_vectors))}")
+        known = list(dict.fromkeys(cavs["concept"]))
+        names = known if concepts is None else list(concepts)
+        out = {}
+        for name in names:
+            if name not in known:
+                raise ConceptLensError(f"concept {name!r} has no CAVs at layer {layer!r}{did_you_mean(name, known)}")
+            mean = self.cav_vectors[layer][cavs.loc[cavs["concept"] == name, "cav"].to_numpy()].mean(axis=0)
+            out[name] = mean / np.linalg.norm(mean)
+        return out
+
     def top_inputs(self, concept, cls, layer, k=8):
         """The class inputs whose class logit rises most along the concept's CAVs: what a failed audit
         is about (e.g. the tagged circles of a tag shortcut).

@@ -106,6 +106,18 @@ class DissectionResult(Result):
         """The per-unit table (a copy of :attr:`units`)."""
         return self.units.copy()
 
+    def unit_labels(self, layer, interpretable=True):
+        """``unit, label, category`` of ``layer``'s units (e.g. for ``decision_tree(unit_labels=...)``).
+
+        With ``interpretable`` (default) a unit below the IoU threshold, or dead, gets an empty label.
+        """
+        if layer not in self.layers:
+            raise ConceptLensError(f"layer {layer!r} was not dissected; dissected layers: {', '.join(self.layers)}")
+        part = self.units[self.units["layer"] == layer]
+        ok = part["interpretable"].to_numpy(bool) if interpretable else ~part["dead"].to_numpy(bool)
+        return pd.DataFrame({"unit": part["unit"].to_numpy(), "label": np.where(ok, part["label"], ""),
+                             "category": np.where(ok, part["category"], "")})
+
     def unit_panels(self, layer, unit, broden, cache=None):
         """What the unit sees in its top images: ``[(image, unit_mask, label_mask)]``, best first.
 

@@ -14,8 +14,8 @@ import pandas as pd
 
 from ..core.hashing import hash_tree
 from ..core.broden import read_broden
-from ..plotting import (confusion_plot, depth_plot, enlarge, grouped_bars, heatmap_rgb, heatmap_scale, overlay_rgb,
-                        save_png, scatter_plot, strip, topk_thumbnail, unit_panel)
+from ..plotting import (confusion_plot, decision_tree_plot, depth_plot, enlarge, grouped_bars, heatmap_rgb, heatmap_scale,
+                        overlay_rgb, prototype_strip, save_png, scatter_plot, strip, topk_thumbnail, unit_panel)
 from .render import image_block, table_block
 
 __all__ = ["STAGES", "SECTION_BUILDERS"]
@@ -276,6 +276,60 @@ def section_audits(page, spec, results):
 # --------------------------------------------------------------------------- layers (representation)
 
 
+def stage_decision(run, results):
+    """Decision modes of the ``[decision] classes``, with units read by their dissection labels when
+    the dissection covers the layer."""
+    spec = run.spec
+    if not _wants(spec, "layers") or not spec.decision_classes:
+        return {}
+    from ..decision import DecisionTreeResult, decision_tree
+
+    layer = spec.decision_layer or spec.layers[-1]
+    dissection = results.get("dissection")
+    labels = dissection.unit_labels(layer, interpretable=False) if dissection and layer in dissection.layers else None
+    out = {}
+    for cls in spec.decision_classes:
+        params = {"class": cls, "layer": layer, "modes": spec.decision_modes, "cells": spec.decision_cells,
+                  "split": spec.decision_split, "labels": None if labels is None else labels["label"].tolist()}
+
+        def compute(d, cls=cls):
+            decision_tree(run.model, run.manifest, layer, cls, split=spec.decision_split, unit_labels=labels,
+                          n_modes=spec.decision_modes, cells=spec.decision_cells, seed=spec.seed,
+                          batch_size=spec.batch_size, progress=run.progress).save(d)
+
+        out[cls] = run.stage(f"decision-{_slug(cls)}", params, compute, DecisionTreeResult.load)
+    return {"decision": out}
+
+
+def decision_blocks(page, spec, trees):
+    """Per class: the tree figure, the modes table and each mode's prototype images."""
+    blocks = []
+    for cls, tree in trees.items():
+        params = tree.provenance["parameters"]
+        name = f"decision-{_slug(cls)}"
+        path = decision_tree_plot(tree.nodes, page.asset(f"{name}.png"), f"decision modes of {cls} at {params['layer']}")
+        read = "concept labels of the dissection" if params.get("unit_labels") else "unit (no dissection of this layer)"
+        text = (f"{len(tree.images)} images of class {cls}: each image's logit, to first order g·a at {params['layer']}, split "
+                f"over units and a {params['cells']}×{params['cells']} grid of the map; shares of its total magnitude, grouped by "
+                f"{read}. Images with similar shares merged bottom-up (Ward); the leaves are the decision modes. Fidelity R²: "
+                "how well one shared rationale (the node's mean gradient) reproduces its images' logits.")
+        blocks.append(image_block(page, path, f"decision tree of class {cls}", title=f"Decision modes: {cls}", text=text))
+        cols = ["node", "parent", "depth", "mode", "size", "leading", "leading_share", "rationale", "fidelity_r2", "own_r2"]
+        blocks.append(table_block(page, tree.nodes[cols], f"{name}-nodes", f"Nodes of the {cls} tree"))
+        items = []
+        for mode in tree.modes.itertuples():
+            panel = prototype_strip(tree, mode.node, spec.manifest.parent)
+            if panel is not None:
+                asset = f"{name}-mode-{mode.node}.png"
+                save_png(panel, page.asset(asset))
+                items.append({"src": f"assets/{asset}", "alt": f"mode {mode.node} prototypes",
+                              "caption": f"mode #{mode.node} ({mode.size} images): {mode.rationale}"})
+        if items:
+            blocks.append({"kind": "strip", "title": f"Prototype images of each {cls} mode", "items": items})
+    return blocks
+
+
+
 
 def stage_representation(run, results):
     """Probes, embedding and k-NN on the capture pass's stores (top-k images came with it)."""
@@ -372,6 +426,8 @@ def section_layers(page, spec, results):
                        "text": f"{emb.method} of layer {emb.layer}; trustworthiness {emb.trustworthiness:.3f}."})
     if "topk" in results:
         blocks += topk_blocks(page, spec, results["topk"])
+    if "decision" in results:
+        blocks += decision_blocks(page, spec, results["decision"])
     page.section("layers", "Layers", blocks, skipped=None if blocks else "no layer analyses were requested")
 
 
@@ -623,7 +679,7 @@ def section_dataset(page, spec, results):
                  skipped=None if blocks else "no SpRAy classes (set [drilldown] spray_classes or [audits] insensitive)")
 
 
-STAGES = [stage_capture, stage_tcav, stage_dissection, stage_representation, stage_drilldown, stage_audit_drilldown,
+STAGES = [stage_capture, stage_tcav, stage_dissection, stage_decision, stage_representation, stage_drilldown, stage_audit_drilldown,
           stage_spray]
 
 SECTION_BUILDERS = {

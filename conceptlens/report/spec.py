@@ -91,6 +91,15 @@ class ReportSpec:
         Slices to discover (Domino's ``n_slices``).
     review_margin : float
         Equivalence margin of a shortcut ``pass``: every within-class accuracy gap's 95 % CI inside ±margin.
+    decision_classes : tuple of str or None
+        Classes whose decision modes the ``layers`` section shows (``[decision] classes``; default none).
+    decision_layer : str or None
+        Their layer (default: the last of ``layers``); its units are read by concept when ``[dissection]``
+        covers it.
+    decision_modes, decision_cells : int
+        Leaves of each tree (default 6) and the grid side of the unit contributions (default 2).
+    decision_split : str or None
+        Only rows of this split (default all).
     path : Path or None
         The spec file.
     """
@@ -129,6 +138,11 @@ class ReportSpec:
     review_split: str = "test"
     review_slices: int = 5
     review_margin: float = 0.1
+    decision_classes: tuple | None = None
+    decision_layer: str | None = None
+    decision_modes: int = 6
+    decision_cells: int = 2
+    decision_split: str | None = None
     path: Path | None = field(default=None, compare=False)
 
     def to_dict(self):
@@ -159,6 +173,8 @@ _TABLES = {
     "review": {"group": ("review_group", "str"), "sensitive": ("review_sensitive", "names"),
                "group_attributes": ("review_group_attributes", "names"), "layer": ("review_layer", "str"),
                "split": ("review_split", "str"), "slices": ("review_slices", "int"), "margin": ("review_margin", "float")},
+    "decision": {"classes": ("decision_classes", "names"), "layer": ("decision_layer", "str"), "modes": ("decision_modes", "int"),
+                 "cells": ("decision_cells", "int"), "split": ("decision_split", "str")},
 }
 _REQUIRED = {"model": "spec", "data": "manifest", "layers": "names"}
 _EMBED_METHODS = ("tsne", "umap", "pca")
@@ -285,6 +301,8 @@ def validate_spec(spec):
         raise ConceptLensError(f"{source}: [review] slices must be at least 2; got {spec.review_slices}")
     if not 0 < spec.review_margin < 1:
         raise ConceptLensError(f"{source}: [review] margin must be in (0, 1); got {spec.review_margin}")
+    if spec.decision_modes < 1 or spec.decision_cells < 1:
+        raise ConceptLensError(f"{source}: [decision] modes and cells must be at least 1; got {spec.decision_modes} and {spec.decision_cells}")
     if spec.audit_insensitive and (spec.concepts is None or spec.random_pool is None):
         raise ConceptLensError(f"{source}: [audits] insensitive needs [concepts] dir and random_pool")
     return spec
