@@ -20,6 +20,7 @@ FAST = {
     "occlusion": {"window": 16, "stride": 16},
     "lime": {"n_samples": 24, "n_segments": 16},
     "rise": {"n_masks": 24},
+    "smooth-taylor": {"n_roots": 4},
 }
 
 
@@ -99,7 +100,7 @@ def test_targets_by_name_and_prediction(demo_model, demo_x):
 
 
 def test_stochastic_methods_are_seeded_and_batching_does_not_change_results(demo_model, demo_x):
-    for method, kw in (("smoothgrad", {"n_samples": 4}), ("rise", {"n_masks": 24})):
+    for method, kw in (("smoothgrad", {"n_samples": 4}), ("rise", {"n_masks": 24}), ("smooth-taylor", {"n_roots": 4})):
         a = attribute(demo_model, demo_x, 0, method, seed=3, **kw)
         assert torch.equal(a, attribute(demo_model, demo_x, 0, method, seed=3, **kw))
         assert not torch.equal(a, attribute(demo_model, demo_x, 0, method, seed=4, **kw))

@@ -212,3 +212,22 @@ def test_cli_writes_tables_figure_gallery_and_routes(demo_weights, world_dir, tm
     assert len(pd.read_csv(tmp_path / "o" / "routes.csv")) == 1200
     assert main(base + ["--layer", "fc", "--out", str(tmp_path / "bad")]) == 2
     assert "decision modes need a convolutional map" in capsys.readouterr().err
+
+
+def test_cli_reads_dissection_labels_and_tcav_directions(demo_weights, demo_model, world_dir, tmp_path, capsys):
+    from conceptlens.cli import main
+    from conceptlens.concepts import TCAV
+
+    TCAV(demo_model, ["conv4"], runs=10, null_runs=20, n_bootstrap=100, progress=False).run(
+        world_dir / "concepts", world_dir / "random", ["circle"], world_dir / "manifest.csv", split="test",
+        max_inputs=10, concept_names=["tag", "red"]).save(tmp_path / "tcav")
+    dissect(demo_model, world_dir / "broden", ["conv4"], tmp_path / "dissect", top_k=0, progress=False)
+    args = ["decision-tree", "--model", f"demo:{demo_weights}", "--data", str(world_dir / "manifest.csv"), "--layer", "conv4",
+            "--class", "circle", "--split", "test", "--modes", "3", "--dissection", str(tmp_path / "dissect"),
+            "--concepts", str(tmp_path / "tcav"), "--out", str(tmp_path / "o"), "-q"]
+    assert main(args) == 0
+    tree = DecisionTreeResult.load(tmp_path / "o")
+    assert list(tree.node_directions.columns) == ["node", "tag", "red"]
+    assert tree.provenance["parameters"]["unit_labels"] and not tree.unit_groups["group"].str.startswith("unit ").any()
+    assert main(args[:5] + ["--layer", "conv3"] + args[7:]) == 2  # CAVs and dissection of another layer
+    assert "was not dissected" in capsys.readouterr().err

@@ -255,3 +255,17 @@ def test_top_inputs_rank_by_the_concepts_mean_derivative(tag_result):
     np.testing.assert_allclose(top.positive_runs, (s > 0).mean(axis=1)[order])
     with pytest.raises(ConceptLensError, match="no derivatives for layer 'conv9'"):
         tag_result.top_inputs("tag", "circle", "conv9")
+
+
+def test_concept_directions_are_the_normalised_mean_of_each_concepts_cavs(tag_result):
+    dirs = tag_result.concept_directions("conv4")
+    cavs = tag_result.cavs
+    assert set(dirs) == set(cavs.loc[cavs["role"] == "concept", "concept"])
+    cols = cavs[(cavs["layer"] == "conv4") & (cavs["concept"] == "tag") & (cavs["role"] == "concept")]["cav"].to_numpy()
+    assert len(cols) == 20
+    mean = tag_result.cav_vectors["conv4"][cols].mean(axis=0)
+    np.testing.assert_allclose(dirs["tag"], mean / np.linalg.norm(mean), rtol=1e-6)
+    with pytest.raises(ConceptLensError, match="concept 'tga' has no CAVs at layer 'conv4'.*did you mean 'tag'"):
+        tag_result.concept_directions("conv4", ["tga"])
+    with pytest.raises(ConceptLensError, match="no concept CAVs at layer 'relu1'"):
+        tag_result.concept_directions("relu1")

@@ -1,4 +1,4 @@
-"""Pixel attributions behind one signature: captum and zennit adapters, plus our own batched RISE.
+"""Pixel attributions behind one signature: captum and zennit adapters, plus our own batched RISE and SmoothTaylor.
 
 ``attribute(model, x, target, method, **params)`` returns a ``[B, H, W]`` map per image (and the
 raw ``[B, C, H, W]`` attribution with ``raw=True``). Each method is a :class:`Method` that declares
@@ -15,7 +15,9 @@ with the plain gradient.
 Library methods come from their library: gradients, integrated gradients, SmoothGrad (NoiseTunnel),
 occlusion, LIME, Grad-CAM, guided backprop, deconvnet and guided Grad-CAM from captum; LRP
 composites and BatchNorm canonizers from zennit. RISE (Petsiuk et al. 2018) is ours: one set of
-seeded masks for the whole batch, all masked forwards batched, the saliency a single matmul.
+seeded masks for the whole batch, all masked forwards batched, the saliency a single matmul. So is
+SmoothTaylor (Goh et al. 2021, :mod:`.smooth_taylor`): all (image, root) pairs batched, noise seeded
+per image and root.
 
 The caller's model comes back exactly as it went in: training flags, ``requires_grad`` of every
 parameter, ``inplace`` flags of activations (switched off while we run, since backward hooks cannot
@@ -408,6 +410,13 @@ def _random(module, x, target, p):
     return torch.rand(x.shape[0], 1, *x.shape[-2:], generator=gen).to(x.device, x.dtype)
 
 
+def _smooth_taylor(module, x, target, p):
+    """SmoothTaylor, batched over all (image, root) pairs; the chosen scales are :func:`.smooth_taylor.smooth_taylor`'s."""
+    from .smooth_taylor import _smooth_taylor_batch
+
+    return _smooth_taylor_batch(module, x, target, p)[0]
+
+
 def _params(**kw):
     return MappingProxyType(kw)
 
@@ -449,6 +458,13 @@ METHODS = MappingProxyType({m.name: m for m in [
     Method("rise", "conceptlens", "RISE: class probability under random masks (Petsiuk et al. 2018), batched",
            _rise, _params(n_masks=500, cells=7, p=0.5, seed=0, forward_batch=512), stochastic=True, signed=False,
            uses_gradients=False),
+    # 32 roots: the gradient budget of integrated gradients' 32 steps (the paper used 150 on ImageNet);
+    # noise 0.15 of each image's range, as SmoothGrad's. needs_baseline: it takes one (the roots' centre).
+    Method("smooth-taylor", "conceptlens", "SmoothTaylor: Taylor terms (x - z) * grad f(z) averaged over noisy roots "
+           "z (Goh et al. 2021), batched", _smooth_taylor,
+           _params(n_roots=32, noise_scale=0.15, baseline="input", seed=0, backward_batch=256,
+                   noise_grid=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)),
+           needs_baseline=True, stochastic=True),
     Method("random", "control", "uniform random map: a control for faithfulness metrics, not an explanation",
            _random, _params(seed=0), stochastic=True, signed=False, uses_gradients=False),
 ]})
@@ -611,7 +627,8 @@ def attribute(model, x, target=None, method="saliency", raw=False, progress=Fals
         Method parameters (see :func:`list_methods`); common: ``reduce`` (``sum``, ``abs``, ``max``,
         ``mean``) and ``batch_size`` (images per call, default 32). Stochastic methods are seeded
         per call; SmoothGrad and LIME draw their noise per batch, so their maps depend on
-        ``batch_size`` as well as ``seed`` (RISE shares one mask set and does not).
+        ``batch_size`` as well as ``seed`` (RISE shares one mask set and SmoothTaylor seeds each
+        image's roots by its index in ``x``: neither does).
 
     Returns
     -------

@@ -114,12 +114,12 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
     """
     rows = np.asarray(rows, dtype=np.int64)
     loader = make_loader(manifest, preprocessing, batch_size=batch_size, rows=rows)
-    logits, predicted, linear, parts, grads, acts, dirs = [], [], [], [], [], [], []
-    checked, cell_of = False, None
+    logits, predicted, linear, parts, dirs = [], [], [], [], []
+    cell_of, grads, acts, start = None, None, None, 0
     bar = tqdm(total=len(rows), desc=f"gradients of {layer}", unit="img", disable=not progress)
     for batch in iter_gradients(model, loader, [layer], [target]):
         a, g = batch.activations[layer], batch.gradients[layer][0]
-        if not checked:
+        if grads is None:
             if a.dim() != 4:
                 raise ConceptLensError(
                     f"layer {layer!r} outputs shape {tuple(a.shape[1:])}; decision modes need a convolutional map "
@@ -135,7 +135,9 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
                 raise ConceptLensError(
                     f"concept directions have {directions.shape[1]} dimensions; layer {layer!r} has {a.shape[1]} channels "
                     f"({a[0].numel()} values per map): give CAVs of this layer")
-            checked = True
+            # filled batch by batch: no per-batch copies to concatenate at the end
+            grads = np.empty((len(rows), a[0].numel()), dtype=np.float32)
+            acts = np.empty_like(grads)
         ga = (g * a).float()
         if cell_of is None:
             cell_of = _cell_matrix(ga.shape[2:], cells, ga.device)
@@ -143,8 +145,10 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
         linear.append(ga.sum((1, 2, 3)).cpu().numpy())
         logits.append(batch.logits[:, target].float().cpu().numpy())
         predicted.append(batch.logits.argmax(1).cpu().numpy())
-        grads.append(g.flatten(1).float().cpu().numpy())
-        acts.append(a.flatten(1).float().cpu().numpy())
+        stop = start + len(a)
+        grads[start:stop] = g.flatten(1).float().cpu().numpy()
+        acts[start:stop] = a.flatten(1).float().cpu().numpy()
+        start = stop
         if directions is not None:
             d = torch.as_tensor(directions, dtype=g.dtype, device=g.device)
             dirs.append(_direction_contributions(g, a, d).float().cpu().numpy())
@@ -154,6 +158,6 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
         raise ConceptLensError("no images to explain: the selection of manifest rows is empty")
     return Contributions(
         rows=rows, logits=np.concatenate(logits), predicted=np.concatenate(predicted), linear=np.concatenate(linear), cells=np.concatenate(parts),
-        gradients=np.concatenate(grads), activations=np.concatenate(acts),
+        gradients=grads, activations=acts,
         directions=np.concatenate(dirs) if dirs else None,
     )

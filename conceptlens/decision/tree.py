@@ -114,23 +114,35 @@ def _members(linkage_matrix, n, modes):
     return out
 
 
-def _fidelity(gradients, activations, logits, members):
-    """R^2 of ``g_node . a_i + b`` for the node's logits (NaN below 3 images or for constant logits),
-    the mean absolute error in logits, and the R^2 of each image's own ``g_i . a_i + b``."""
+def _fidelity(logits, shared, own, members):
+    """R^2 of the node's shared ``g_node . a_i + b`` for its logits (NaN below 3 images or for constant
+    logits), its mean absolute error in logits, and the R^2 of each image's own ``g_i . a_i + b``."""
     y = logits[members]
     if len(members) < 3 or np.ptp(y) == 0:
         return np.nan, np.nan, np.nan
-    g = gradients[members].mean(0)
-    shared = activations[members] @ g
-    own = np.einsum("nd,nd->n", gradients[members], activations[members])
     sst = ((y - y.mean()) ** 2).sum()
 
     def r2(pred):
         resid = y - pred - (y - pred).mean()  # the intercept b is the mean offset
         return 1 - (resid ** 2).sum() / sst, np.abs(resid).mean()
 
-    (shared_r2, mae), (own_r2, _) = r2(shared), r2(own)
+    (shared_r2, mae), (own_r2, _) = r2(shared), r2(own[members])
     return float(shared_r2), float(mae), float(own_r2)
+
+
+def _shared_predictions(got, members, modes, order, children):
+    """``{node: g_node . a_i for its images}`` from one pass over the maps: the mean gradient of a node
+    is the size-weighted mean of its modes' mean gradients, so ``a_i . g_mode`` for every image and
+    mode (``[N, K]``) gives every node's predictions."""
+    mean_g = np.stack([got.gradients[members[m]].mean(0) for m in modes])
+    per_mode = got.activations @ mean_g.T
+    weights = {m: np.eye(len(modes))[k] for k, m in enumerate(modes)}
+    for node in reversed(order):
+        if node in children:
+            a, b = children[node]
+            na, nb = len(members[a]), len(members[b])
+            weights[node] = (na * weights[a] + nb * weights[b]) / (na + nb)
+    return {node: per_mode[members[node]] @ weights[node] for node in order}
 
 
 def _rationale(shares, names, k=3):
@@ -401,7 +413,8 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
             keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_images, replace=False))
     if len(keep) < 2:
         raise ConceptLensError(f"only {len(keep)} image(s) of class {class_name!r} to explain; a tree needs at least 2")
-    got = got.take(keep)
+    if len(keep) < len(got.rows):  # copies the kept maps: only when some images are left out
+        got = got.take(keep)
     t_gradients = time.perf_counter() - t0
 
     from scipy.cluster.hierarchy import linkage
@@ -426,6 +439,7 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
     for node in order[1:]:
         depth[node] = depth[parent[node]] + 1
 
+    shared = _shared_predictions(got, members, modes, order, children)
     mode_of = np.empty(n, dtype=np.int64)
     for m in modes:
         mode_of[members[m]] = ids[m]
@@ -436,7 +450,7 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
         centroid = shares[m].mean(0)
         mean_places = by_place[m].mean(0)
         near = m[np.argsort(((shares[m] - centroid) ** 2).sum(1), kind="stable")[:prototypes]]
-        r2, mae, own = _fidelity(got.gradients, got.activations, got.logits, m)
+        r2, mae, own = _fidelity(got.logits, shared[node], got.linear, m)
         lead = int(np.argmax(mean_places))
         left, right = children.get(node, (None, None))
         rows_out.append({
