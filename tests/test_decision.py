@@ -231,3 +231,23 @@ def test_cli_reads_dissection_labels_and_tcav_directions(demo_weights, demo_mode
     assert tree.provenance["parameters"]["unit_labels"] and not tree.unit_groups["group"].str.startswith("unit ").any()
     assert main(args[:5] + ["--layer", "conv3"] + args[7:]) == 2  # CAVs and dissection of another layer
     assert "was not dissected" in capsys.readouterr().err
+
+
+def test_predicted_selection_and_seeded_subsample(demo_model, world_dir):
+    frame = pd.read_csv(world_dir / "manifest.csv")
+    tree = decision_tree(demo_model, world_dir / "manifest.csv", "relu4", "circle", split="test", select="predicted",
+                         n_modes=2, progress=False)
+    logits = tree.images["logit"].to_numpy()
+    assert (frame["split"].to_numpy()[tree.images["manifest_row"]] == "test").all()
+    # exactly the test images the model assigns to circle (the pass keeps every class's logits)
+    manifest = Manifest.read(world_dir / "manifest.csv")
+    test_rows = np.flatnonzero((frame["split"] == "test").to_numpy())
+    got = unit_contributions(demo_model, manifest, test_rows, "relu4", demo_model.class_index("circle"),
+                             demo_model.preprocessing_for(manifest), progress=False)
+    np.testing.assert_array_equal(tree.images["manifest_row"], test_rows[got.predicted == demo_model.class_index("circle")])
+    assert np.isfinite(logits).all()
+    a = decision_tree(demo_model, world_dir / "manifest.csv", "relu4", "circle", max_images=40, seed=1, n_modes=2, progress=False)
+    b = decision_tree(demo_model, world_dir / "manifest.csv", "relu4", "circle", max_images=40, seed=1, n_modes=2, progress=False)
+    c = decision_tree(demo_model, world_dir / "manifest.csv", "relu4", "circle", max_images=40, seed=2, n_modes=2, progress=False)
+    assert len(a.images) == 40 and a.images["manifest_row"].equals(b.images["manifest_row"])
+    assert not a.images["manifest_row"].equals(c.images["manifest_row"])
