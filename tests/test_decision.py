@@ -95,7 +95,7 @@ def test_node_fidelity_matches_an_independent_fit(biased, demo_model, world_dir)
     rows = tree.members(node.node)
     got = unit_contributions(demo_model, manifest, rows, LAYER, demo_model.class_index("circle"),
                              demo_model.preprocessing_for(manifest), progress=False)
-    pred = got.activations @ got.gradients.mean(0)
+    pred = np.concatenate(got.activations) @ np.concatenate(got.gradients).mean(0)
     pred += (got.logits - pred).mean()
     assert node.fidelity_r2 == pytest.approx(r2_score(got.logits, pred), abs=1e-5)
     # after relu4 every image shares one exact linear rationale (GAP + linear): fidelity 1

@@ -44,8 +44,10 @@ class Contributions:
         The first-order term ``g . a`` (equal to ``cells.sum((1, 2))``).
     cells : ndarray [N, C, K*K]
         Each unit's contribution on a ``K x K`` grid of the map (``K = 1``: the unit's whole map).
-    gradients, activations : ndarray [N, D]
-        ``g`` and ``a`` flattened (float32); a node's fidelity is computed from them.
+    gradients, activations : list of ndarray [n_b, D]
+        ``g`` and ``a`` flattened (float32), as the pass's batches computed them (kept, not copied:
+        copying them costed more than a third of the pass); a node's fidelity uses them through
+        :meth:`mean_gradients` and :meth:`dot_maps`.
     directions : ndarray [N, M] or None
         Contribution along each concept direction.
     """
@@ -55,8 +57,8 @@ class Contributions:
     predicted: np.ndarray
     linear: np.ndarray
     cells: np.ndarray
-    gradients: np.ndarray
-    activations: np.ndarray
+    gradients: list
+    activations: list
     directions: np.ndarray | None = None
 
     @property
@@ -65,9 +67,31 @@ class Contributions:
         return self.cells.sum(2)
 
     def take(self, index):
-        """The images at positions ``index``."""
-        return Contributions(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
-                                for f in dataclasses.fields(self)})
+        """The images at sorted positions ``index``."""
+        index = np.asarray(index, dtype=np.int64)
+        bounds = np.cumsum([0] + [len(c) for c in self.gradients])
+
+        def chunks(parts):
+            return [c[index[(index >= lo) & (index < hi)] - lo] for c, lo, hi in zip(parts, bounds[:-1], bounds[1:])]
+
+        plain = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                 for f in dataclasses.fields(self) if f.name not in ("gradients", "activations")}
+        return Contributions(**plain, gradients=chunks(self.gradients), activations=chunks(self.activations))
+
+    def mean_gradients(self, groups):
+        """``[K, D]``: the mean gradient of each group (an array of image positions)."""
+        weights = np.zeros((len(groups), len(self.rows)), dtype=np.float32)
+        for k, members in enumerate(groups):
+            weights[k, members] = 1.0 / len(members)
+        out, start = 0.0, 0
+        for g in self.gradients:
+            out = out + weights[:, start:start + len(g)] @ g
+            start += len(g)
+        return out
+
+    def dot_maps(self, vectors):
+        """``[N, K]``: each image's map ``a_i`` dotted with each row of ``vectors`` ``[K, D]``."""
+        return np.concatenate([a @ vectors.T for a in self.activations])
 
 
 def _cell_matrix(shape, k, device):
@@ -114,12 +138,12 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
     """
     rows = np.asarray(rows, dtype=np.int64)
     loader = make_loader(manifest, preprocessing, batch_size=batch_size, rows=rows)
-    logits, predicted, linear, parts, dirs = [], [], [], [], []
-    cell_of, grads, acts, start = None, None, None, 0
+    logits, predicted, linear, parts, dirs, grads, acts = [], [], [], [], [], [], []
+    cell_of = None
     bar = tqdm(total=len(rows), desc=f"gradients of {layer}", unit="img", disable=not progress)
     for batch in iter_gradients(model, loader, [layer], [target]):
         a, g = batch.activations[layer], batch.gradients[layer][0]
-        if grads is None:
+        if cell_of is None:
             if a.dim() != 4:
                 raise ConceptLensError(
                     f"layer {layer!r} outputs shape {tuple(a.shape[1:])}; decision modes need a convolutional map "
@@ -135,20 +159,14 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
                 raise ConceptLensError(
                     f"concept directions have {directions.shape[1]} dimensions; layer {layer!r} has {a.shape[1]} channels "
                     f"({a[0].numel()} values per map): give CAVs of this layer")
-            # filled batch by batch: no per-batch copies to concatenate at the end
-            grads = np.empty((len(rows), a[0].numel()), dtype=np.float32)
-            acts = np.empty_like(grads)
+            cell_of = _cell_matrix(a.shape[2:], cells, a.device)
         ga = (g * a).float()
-        if cell_of is None:
-            cell_of = _cell_matrix(ga.shape[2:], cells, ga.device)
         parts.append((ga.flatten(2) @ cell_of).cpu().numpy())
         linear.append(ga.sum((1, 2, 3)).cpu().numpy())
         logits.append(batch.logits[:, target].float().cpu().numpy())
         predicted.append(batch.logits.argmax(1).cpu().numpy())
-        stop = start + len(a)
-        grads[start:stop] = g.flatten(1).float().cpu().numpy()
-        acts[start:stop] = a.flatten(1).float().cpu().numpy()
-        start = stop
+        grads.append(g.flatten(1).float().cpu().numpy())  # views of the batch's own tensors on CPU
+        acts.append(a.flatten(1).float().cpu().numpy())
         if directions is not None:
             d = torch.as_tensor(directions, dtype=g.dtype, device=g.device)
             dirs.append(_direction_contributions(g, a, d).float().cpu().numpy())

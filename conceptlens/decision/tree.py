@@ -78,6 +78,27 @@ def _unit_groups(unit_labels, n_units):
     return out
 
 
+def _ward_linkage(x, block=1024):
+    """scipy's Ward linkage of the rows of ``x``, its condensed Euclidean distances computed from row
+    blocks of the Gram matrix (BLAS): a third of the time of ``scipy.spatial.distance.pdist`` at
+    5,000 x 256, and never more than ``block x N`` distances beyond the condensed matrix itself."""
+    from scipy.cluster.hierarchy import linkage
+
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    n = len(x)
+    sq = np.einsum("ij,ij->i", x, x)
+    condensed = np.empty(n * (n - 1) // 2)
+    pos = 0
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        d = sq[start:stop, None] + sq[None, :] - 2 * (x[start:stop] @ x.T)
+        np.sqrt(np.maximum(d, 0, out=d), out=d)
+        for r in range(start, stop):  # row r's distances to rows r+1.. are contiguous in the condensed form
+            condensed[pos:pos + n - r - 1] = d[r - start, r + 1:]
+            pos += n - r - 1
+    return linkage(condensed, method="ward")
+
+
 def _cut(linkage_matrix, n, n_modes):
     """The top of the dendrogram: ``(order, children, modes)`` with nodes as linkage ids.
 
@@ -134,8 +155,7 @@ def _shared_predictions(got, members, modes, order, children):
     """``{node: g_node . a_i for its images}`` from one pass over the maps: the mean gradient of a node
     is the size-weighted mean of its modes' mean gradients, so ``a_i . g_mode`` for every image and
     mode (``[N, K]``) gives every node's predictions."""
-    mean_g = np.stack([got.gradients[members[m]].mean(0) for m in modes])
-    per_mode = got.activations @ mean_g.T
+    per_mode = got.dot_maps(got.mean_gradients([members[m] for m in modes]))
     weights = {m: np.eye(len(modes))[k] for k, m in enumerate(modes)}
     for node in reversed(order):
         if node in children:
@@ -417,8 +437,6 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
         got = got.take(keep)
     t_gradients = time.perf_counter() - t0
 
-    from scipy.cluster.hierarchy import linkage
-
     n = len(got.rows)
     n_units = got.cells.shape[1]
     shares, total = _shares(got.cells)
@@ -427,7 +445,7 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
     by_group = shares @ onehot
     onehot, place_names = _group_matrix(groups, cells, by_cell=True)
     by_place = shares @ onehot
-    z = linkage(shares, method="ward")
+    z = _ward_linkage(shares)
     order, children, modes = _cut(z, n, min(n_modes, n))
     members = _members(z, n, modes)
     for node in reversed(order):  # internal nodes hold their children's images
