@@ -399,6 +399,7 @@ def _cmd_decision_tree(args):
     result = decision_tree(model, manifest, args.layer, args.cls, split=args.split, select=args.select, unit_labels=labels,
                            directions=directions, n_modes=args.modes, cells=args.cells, prototypes=args.prototypes,
                            max_images=args.max_images, seed=args.seed, batch_size=args.batch_size,
+                           num_workers=args.workers, skip_bad=args.skip_bad,
                            preprocessing=_preprocessing(args, model, manifest), progress=not args.quiet)
     out = result.save(args.out)
     params = result.provenance["parameters"]
@@ -409,8 +410,9 @@ def _cmd_decision_tree(args):
     for r in result.modes.itertuples():
         fid = "n/a" if r.fidelity_r2 != r.fidelity_r2 else f"{r.fidelity_r2:.2f}"
         print(f"  mode #{r.node:<3} {r.size:>5} images  fidelity R² {fid:>5}  {r.rationale}")
+    _print_skipped(result.skipped)
     if args.route:
-        routed = result.route(model, args.route, batch_size=args.batch_size, progress=not args.quiet)
+        routed = result.route(model, args.route, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet)
         routed.to_csv(out / "routes.csv", index=False)
         print(f"routed {len(routed)} images of {args.route} -> {out / 'routes.csv'}")
 

@@ -127,3 +127,18 @@ def test_tcav_skips_bad_concept_pool_and_class_images(tmp_path, broken, tiny, ca
     assert [s["source"] for s in res.skipped] == ["concept tag", "random pool", "class circle", "class circle"]
     assert not set(rows) & set(res.inputs["row"]) and str(bad_concept.resolve()) not in set(res.sets["image"])
     assert res.provenance["concepts"]["tag"]["n_read"] == res.provenance["concepts"]["tag"]["n_images"] - 1
+
+
+def test_decision_tree_skips_and_lists_bad_images(tmp_path, broken):
+    from conceptlens.decision import DecisionTreeResult, decision_tree
+
+    model, manifest, rows = broken
+    with pytest.raises(ConceptLensError, match="--skip-bad"):
+        decision_tree(model, manifest, "conv3", "circle", n_modes=2, progress=False)
+    tree = decision_tree(model, manifest, "conv3", "circle", n_modes=2, skip_bad=True, progress=False)
+    assert [s["manifest_row"] for s in tree.skipped] == rows
+    circles = set(manifest.frame.index[manifest.frame["label"] == "circle"]) - set(rows)
+    assert set(tree.images["manifest_row"]) == circles
+    assert DecisionTreeResult.load(tree.save(tmp_path / "tree")).skipped == tree.skipped
+    routed = tree.route(model, manifest, skip_bad=True)
+    assert len(routed) == len(manifest) - 2 and not set(rows) & set(routed["manifest_row"])

@@ -50,6 +50,8 @@ class Contributions:
         :meth:`mean_gradients` and :meth:`dot_maps`.
     directions : ndarray [N, M] or None
         Contribution along each concept direction.
+    skipped : tuple of BadImage
+        Rows left out as unreadable (``skip_bad``); ``rows`` holds only the images read.
     """
 
     rows: np.ndarray
@@ -60,6 +62,7 @@ class Contributions:
     gradients: list
     activations: list
     directions: np.ndarray | None = None
+    skipped: tuple = ()
 
     @property
     def units(self):
@@ -75,8 +78,9 @@ class Contributions:
             return [c[index[(index >= lo) & (index < hi)] - lo] for c, lo, hi in zip(parts, bounds[:-1], bounds[1:])]
 
         plain = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
-                 for f in dataclasses.fields(self) if f.name not in ("gradients", "activations")}
-        return Contributions(**plain, gradients=chunks(self.gradients), activations=chunks(self.activations))
+                 for f in dataclasses.fields(self) if f.name not in ("gradients", "activations", "skipped")}
+        return Contributions(**plain, gradients=chunks(self.gradients), activations=chunks(self.activations),
+                             skipped=self.skipped)
 
     def mean_gradients(self, groups):
         """``[K, D]``: the mean gradient of each group (an array of image positions)."""
@@ -113,7 +117,7 @@ def _direction_contributions(g, a, directions):
 
 
 def unit_contributions(model, manifest, rows, layer, target, preprocessing, cells=1, directions=None,
-                       batch_size=64, progress=True, memory_budget=MEMORY_BUDGET):
+                       batch_size=64, num_workers=0, skip_bad=False, progress=True, memory_budget=MEMORY_BUDGET):
     """Run the gradient pass over ``rows`` of ``manifest`` and return :class:`Contributions`.
 
     Parameters
@@ -131,14 +135,15 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
         Grid side of the per-unit contributions (``1``: one number per unit).
     directions : ndarray [M, C] or [M, C*H*W], optional
         Unit-norm concept directions in the layer's pooled-channel or flattened-map space.
-    batch_size : int
+    batch_size, num_workers, skip_bad :
+        Loader options (``skip_bad``: leave unreadable images out, listed in ``skipped``).
     progress : bool
     memory_budget : int
         Bytes allowed for the kept gradients and maps; more raises before the pass.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    loader = make_loader(manifest, preprocessing, batch_size=batch_size, rows=rows)
-    logits, predicted, linear, parts, dirs, grads, acts = [], [], [], [], [], [], []
+    loader = make_loader(manifest, preprocessing, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, rows=rows)
+    read, logits, predicted, linear, parts, dirs, grads, acts = [], [], [], [], [], [], [], []
     cell_of = None
     bar = tqdm(total=len(rows), desc=f"gradients of {layer}", unit="img", disable=not progress)
     for batch in iter_gradients(model, loader, [layer], [target]):
@@ -170,12 +175,13 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
         if directions is not None:
             d = torch.as_tensor(directions, dtype=g.dtype, device=g.device)
             dirs.append(_direction_contributions(g, a, d).float().cpu().numpy())
+        read.append(np.asarray(batch.rows, dtype=np.int64))
         bar.update(len(batch.rows))
     bar.close()
     if not parts:
         raise ConceptLensError("no images to explain: the selection of manifest rows is empty")
     return Contributions(
-        rows=rows, logits=np.concatenate(logits), predicted=np.concatenate(predicted), linear=np.concatenate(linear), cells=np.concatenate(parts),
+        rows=np.concatenate(read), logits=np.concatenate(logits), predicted=np.concatenate(predicted), linear=np.concatenate(linear), cells=np.concatenate(parts),
         gradients=grads, activations=acts,
-        directions=np.concatenate(dirs) if dirs else None,
+        directions=np.concatenate(dirs) if dirs else None, skipped=tuple(loader.skipped),
     )

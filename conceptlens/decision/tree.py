@@ -199,6 +199,8 @@ class DecisionTreeResult(Result):
     centroids : ndarray [n_nodes, C*K*K]
         Mean share vector of each node (routing new images).
     provenance : dict
+    skipped : tuple of dict
+        Images left out as unreadable (``skip_bad``): ``{manifest_row, image, error}``.
     """
 
     nodes: pd.DataFrame = field(repr=False)
@@ -210,6 +212,7 @@ class DecisionTreeResult(Result):
     centroids: np.ndarray = field(repr=False)
     provenance: dict = field(repr=False)
     node_directions: pd.DataFrame | None = field(default=None, repr=False)
+    skipped: tuple = ()
 
     KIND, META = "decision-tree", "decision_tree.json"
 
@@ -237,7 +240,7 @@ class DecisionTreeResult(Result):
                 stack += [int(nodes.at[v, "left"]), int(nodes.at[v, "right"])]
         return out
 
-    def route(self, model, data, rows=None, preprocessing=None, batch_size=64, progress=False):
+    def route(self, model, data, rows=None, preprocessing=None, batch_size=64, skip_bad=False, progress=False):
         """Route images to their decision mode, with their rationale.
 
         Each image's share vector descends from the root to the child whose centroid is nearer
@@ -251,6 +254,8 @@ class DecisionTreeResult(Result):
         rows : array of int, optional
             Manifest rows (default all).
         preprocessing : Preprocessing, optional
+        skip_bad : bool
+            Leave unreadable images out (a warning names each) instead of failing.
 
         Returns
         -------
@@ -267,7 +272,8 @@ class DecisionTreeResult(Result):
         rows = np.arange(len(manifest.frame)) if rows is None else np.asarray(rows, dtype=np.int64)
         prep = model.preprocessing_for(manifest, preprocessing)
         got = unit_contributions(model, manifest, rows, params["layer"], params["target"], prep, cells=params["cells"],
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, skip_bad=skip_bad, progress=progress)
+        rows = got.rows
         shares, _ = _shares(got.cells)
         if shares.shape[1] != self.centroids.shape[1]:
             raise ConceptLensError(f"layer {params['layer']!r} gives {shares.shape[1]} features per image; the tree has "
@@ -308,7 +314,7 @@ class DecisionTreeResult(Result):
         np.save(d / "centroids.npy", self.centroids)
         if self.node_directions is not None:
             self.node_directions.to_csv(d / "node_directions.csv", index=False)
-        return {"directions": self.node_directions is not None}
+        return {"directions": self.node_directions is not None, "skipped": list(self.skipped)}
 
     @classmethod
     def _read(cls, d, meta):
@@ -320,7 +326,8 @@ class DecisionTreeResult(Result):
         return cls(nodes=nodes, node_groups=csv("node_groups.csv"), node_places=csv("node_places.csv"), images=csv("images.csv"),
                    image_groups=csv("image_groups.csv"), unit_groups=csv("unit_groups.csv"),
                    centroids=np.load(d / "centroids.npy", allow_pickle=False), provenance=meta["provenance"],
-                   node_directions=csv("node_directions.csv") if meta.get("directions") else None)
+                   node_directions=csv("node_directions.csv") if meta.get("directions") else None,
+                   skipped=tuple(meta.get("skipped", ())))
 
 
 def _check(n_modes, cells, prototypes, select, max_images):
@@ -369,8 +376,8 @@ def _directions(directions):
 
 
 def decision_tree(model, data, layer, target, *, split=None, select="label", unit_labels=None, directions=None,
-                  n_modes=8, cells=2, prototypes=6, max_images=None, seed=0, batch_size=64, preprocessing=None,
-                  memory_budget=MEMORY_BUDGET, progress=True):
+                  n_modes=8, cells=2, prototypes=6, max_images=None, seed=0, batch_size=64, num_workers=0,
+                  skip_bad=False, preprocessing=None, memory_budget=MEMORY_BUDGET, progress=True):
     """Build the decision-mode tree of one class at one layer.
 
     Parameters
@@ -406,8 +413,9 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
         At most this many images (a seeded subsample).
     seed : int
         Seeds the subsample; the tree itself has no random step.
-    batch_size, preprocessing, memory_budget, progress :
-        Loader options; the bytes allowed for the kept gradients and maps; progress bars.
+    batch_size, num_workers, skip_bad, preprocessing, memory_budget, progress :
+        Loader options (``skip_bad``: unreadable images are left out and listed in ``skipped``); the
+        bytes allowed for the kept gradients and maps; progress bars.
 
     Returns
     -------
@@ -425,7 +433,8 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
     dirs, dir_names = _directions(directions)
     prep = model.preprocessing_for(manifest, preprocessing)
     got = unit_contributions(model, manifest, rows, layer, index, prep, cells=cells, directions=dirs,
-                             batch_size=batch_size, progress=progress, memory_budget=memory_budget)
+                             batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, progress=progress,
+                             memory_budget=memory_budget)
     keep = np.arange(len(rows))
     if select == "predicted":
         keep = np.flatnonzero(got.predicted == index)
@@ -502,4 +511,5 @@ def decision_tree(model, data, layer, target, *, split=None, select="label", uni
         unit_groups=pd.DataFrame({"unit": np.arange(n_units), "group": groups}),
         centroids=np.stack(centroids).astype(np.float32), provenance=prov,
         node_directions=pd.DataFrame(dir_rows) if dirs is not None else None,
+        skipped=tuple(b.to_dict() for b in got.skipped),
     )
