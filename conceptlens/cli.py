@@ -417,6 +417,38 @@ def _cmd_decision_tree(args):
         print(f"routed {len(routed)} images of {args.route} -> {out / 'routes.csv'}")
 
 
+def _index_list(text):
+    """``0-63``, ``1,5,9`` or ``0-3,8``: sorted unique non-negative integers."""
+    out = set()
+    for part in _csv_list(text):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise argparse.ArgumentTypeError(f"expected channel numbers like 0-63 or 1,5,9; got {part!r}")
+        out.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one channel number (e.g. 0-63)")
+    return sorted(out)
+
+
+def _cmd_visualize(args):
+    import numpy as np
+
+    from .featurevis import channel, visualize
+    from .models import load_model
+    from .plotting import grid, save_png
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    result = visualize(model, [channel(args.layer, c) for c in args.channels], size=args.size, steps=args.steps,
+                       lr=args.lr, param=args.param, transforms=None if args.no_transforms else "default",
+                       seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    out = result.save(args.out)
+    save_png(grid(list(result.images)), out / "sheet.png")
+    values = result.objective_values
+    print(f"visualised {len(values)} channels of {args.layer} ({args.steps} steps, {args.param}): objective median "
+          f"{np.median(values):.3g} (min {values.min():.3g}, max {values.max():.3g}) -> {out} (image_NNNN.png, "
+          f"objectives.csv, sheet.png)")
+
+
 def _cmd_tcav(args):
     from .concepts import TCAV
     from .concepts.stats import format_p
@@ -667,6 +699,19 @@ def build_parser():
     p.add_argument("--route", default=None, metavar="MANIFEST", help="also route these images to their modes (OUT/routes.csv)")
     p.add_argument("--out", required=True, help="output folder (nodes.csv, node_places.csv, images.csv, tree.png, modes/*.png, ...)")
     p.set_defaults(func=_cmd_decision_tree)
+    p = sub.add_parser("visualize", help="feature visualisation: an image that maximises each channel of a layer (Lucid-style)")
+    _add_model_args(p, layers=False)
+    p.add_argument("--layer", required=True, help="the layer (see `conceptlens layers MODEL`)")
+    p.add_argument("--channels", required=True, type=_index_list, help="channels: 0-63, 1,5,9 or 0-3,8")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
+    p.add_argument("--steps", type=int, default=512, help="Adam steps (default 512, as lucent)")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    p.add_argument("--param", default="fourier", choices=["fourier", "pixel"], help="image parameterisation (default fourier)")
+    p.add_argument("--no-transforms", action="store_true", help="no random pad/jitter/scale/rotate during the optimisation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="images optimised together (default 32)")
+    p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv, sheet.png)")
+    p.set_defaults(func=_cmd_visualize)
     p = sub.add_parser("tcav", help="concept sensitivity (TCAV) with calibrated significance and bias audits")
     _add_model_args(p)
     _add_data_args(p)

@@ -31,7 +31,7 @@ from scipy import ndimage  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 __all__ = ["confusion_plot", "grouped_bars", "depth_plot", "scatter_plot", "heatmap_scale", "heatmap_rgb", "overlay_rgb",
-           "unit_panel", "enlarge", "topk_thumbnail", "strip", "save_png", "write_explanation_gallery", "write_unit_gallery",
+           "unit_panel", "enlarge", "topk_thumbnail", "strip", "grid", "save_png", "write_explanation_gallery", "write_unit_gallery",
            "decision_tree_plot", "prototype_strip", "write_mode_gallery"]
 
 
@@ -229,6 +229,18 @@ def topk_thumbnail(path, y, x, height, width, size=64):
         cy, cx = int((y + 0.5) * size / height), int((x + 0.5) * size / width)
         thumb[max(0, cy - 1):cy + 2, max(0, cx - 1):cx + 2] = (255, 0, 255)
     return thumb
+
+
+def grid(panels, columns=16, gap=2):
+    """Panels in rows of ``columns`` (each row a :func:`strip`) on white, ``gap`` pixels apart."""
+    rows = [strip(panels[i:i + columns], gap) for i in range(0, len(panels), columns)]
+    out = np.full((sum(r.shape[0] for r in rows) + gap * (len(rows) - 1), max(r.shape[1] for r in rows), 3), 255,
+                  dtype=np.uint8)
+    y = 0
+    for r in rows:
+        out[y:y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + gap
+    return out
 
 
 def strip(panels, gap=2):

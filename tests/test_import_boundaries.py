@@ -12,7 +12,7 @@ import pytest
 import conceptlens
 
 PACKAGE = Path(conceptlens.__file__).parent
-ANALYZERS = ("concepts", "dissection", "representation", "attribution", "review", "decision")
+ANALYZERS = ("concepts", "dissection", "representation", "attribution", "review", "decision", "featurevis")
 SHARED = {"core", "models", "data", "errors", "_lazy", "_threads"}
 
 

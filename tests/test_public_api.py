@@ -22,6 +22,8 @@ MODULES = [
     "conceptlens.dissection.iou", "conceptlens.dissection.dissect",
     "conceptlens.review", "conceptlens.report", "conceptlens.report.review", "conceptlens.report.compare",
     "conceptlens.decision", "conceptlens.decision.contributions", "conceptlens.decision.tree",
+    "conceptlens.featurevis", "conceptlens.featurevis.objectives", "conceptlens.featurevis.param",
+    "conceptlens.featurevis.transforms", "conceptlens.featurevis.render",
 ]
 
 

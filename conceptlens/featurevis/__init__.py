@@ -1,0 +1,14 @@
+"""Feature visualisation (Olah et al. 2017; Lucid/lucent): images optimised to maximise an objective.
+
+``visualize(model, [channel("conv4", 3), unit("conv4", 5), class_logit(2)])`` optimises one image
+per objective, in batches, through a Fourier parameterisation and random robustness transforms,
+and returns a :class:`Visualization` (uint8 images, achieved objective values, provenance).
+"""
+
+from .objectives import Objective, channel, class_logit, direction, diversity, unit
+from .param import ImageParam, fourier, pixel
+from .render import Visualization, objective_values, visualize
+from .transforms import RobustnessTransforms, default_transforms
+
+__all__ = ["visualize", "Visualization", "objective_values", "Objective", "channel", "unit", "direction",
+           "class_logit", "diversity", "ImageParam", "pixel", "fourier", "RobustnessTransforms", "default_transforms"]

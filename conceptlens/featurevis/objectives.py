@@ -1,0 +1,281 @@
+"""What a feature visualisation maximises: objectives over layer activations and logits.
+
+An :class:`Objective` is a weighted sum of terms. :func:`visualize` optimises one image per
+objective: in a batch of N objectives, image ``i`` is scored by objective ``i`` alone, on its own
+activations, so the images of a batch never interact — except through :func:`diversity`.
+
+Diversity needs several images of one objective. Pass the same objective several times
+(``[obj] * 4``): the images whose objectives have a diversity term and the same
+:attr:`~Objective.description` form one *group*, and each image's diversity term is Lucid's
+negative Gram-matrix cosine similarity against the other images of its group (an image alone in
+its group scores 0). A group is never split across optimisation chunks.
+
+Objectives are *maximised* (Lucid's sign, not lucent's loss sign): ``channel(...)`` is the mean
+activation and ``diversity(...)`` is higher for more diverse images, so
+``channel("conv4", 3) + diversity("conv4", 1e2)`` asks for strong, varied images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConceptLensError
+
+__all__ = ["Objective", "channel", "unit", "direction", "class_logit", "diversity", "LOGITS"]
+
+LOGITS = "<logits>"
+"""The key under which the model's output is captured; ``class_logit`` reads it."""
+
+
+class _Term:
+    """One scored quantity; ``layer`` is a module name or :data:`LOGITS`."""
+
+    layer: str
+    grouped = False  # True when the term compares an image with the other images of its group
+
+    def check(self, shape):
+        """Raise a ConceptLensError when the term does not fit a layer output of ``shape`` (no batch)."""
+
+    def __call__(self, act):
+        """The term for one image's activation ``act`` (``[C, *spatial]``): a 0-d tensor."""
+        raise NotImplementedError
+
+
+def _channels_of(layer, shape, what="channel"):
+    if len(shape) < 1:
+        raise ConceptLensError(f"layer {layer!r} gives a scalar per image; a {what} objective needs channels")
+    return shape[0]
+
+
+def _check_channel(layer, c, shape):
+    n = _channels_of(layer, shape)
+    if not 0 <= c < n:
+        raise ConceptLensError(f"channel {c} is out of range for layer {layer!r} (channels 0-{n - 1})")
+
+
+def _index(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConceptLensError(f"{name} must be an integer; got {value!r}")
+    return int(value)
+
+
+class _Channel(_Term):
+    def __init__(self, layer, c):
+        self.layer, self.c = layer, c
+        self.description = f"channel({layer}, {c})"
+
+    def check(self, shape):
+        _check_channel(self.layer, self.c, shape)
+
+    def __call__(self, act):
+        return act[self.c].mean()
+
+
+class _Unit(_Term):
+    def __init__(self, layer, c, y, x):
+        self.layer, self.c, self.y, self.x = layer, c, y, x
+        where = "centre" if y is None and x is None else f"y={y}, x={x}"
+        self.description = f"unit({layer}, {c}, {where})"
+
+    def _position(self, spatial):
+        # Lucid's default unit is the centre of the map: index size // 2 along each axis.
+        return (spatial[0] // 2 if self.y is None else self.y, spatial[1] // 2 if self.x is None else self.x)
+
+    def check(self, shape):
+        _check_channel(self.layer, self.c, shape)
+        if len(shape) != 3:
+            raise ConceptLensError(f"unit needs a spatial layer output [C, H, W]; layer {self.layer!r} gives "
+                                   f"{list(shape)} per image (use channel(...) instead)")
+        for axis, value, size in zip("yx", self._position(shape[1:]), shape[1:]):
+            if not 0 <= value < size:
+                raise ConceptLensError(f"unit {axis}={value} is out of range for layer {self.layer!r} "
+                                       f"({axis} 0-{size - 1} at this input size)")
+
+    def __call__(self, act):
+        y, x = self._position(act.shape[1:])
+        return act[self.c, y, x]
+
+
+class _Direction(_Term):
+    def __init__(self, layer, vector):
+        self.layer = layer
+        self.vector = torch.as_tensor(np.asarray(vector, dtype=np.float32))
+        digest = hashlib.sha256(self.vector.numpy().tobytes()).hexdigest()[:8]
+        self.description = f"direction({layer}, {self.vector.numel()}-d {digest})"
+
+    def check(self, shape):
+        n = _channels_of(self.layer, shape, "direction")
+        if self.vector.ndim != 1 or self.vector.numel() != n:
+            raise ConceptLensError(f"direction for layer {self.layer!r} needs a vector of {n} values (one per "
+                                   f"channel); got shape {list(self.vector.shape)}")
+
+    def __call__(self, act):
+        flat = act.reshape(act.shape[0], -1)  # [C, positions]; a [C] output is one position
+        return (self.vector.to(flat) @ flat).mean()
+
+
+class _ClassLogit(_Term):
+    layer = LOGITS
+
+    def __init__(self, c):
+        self.c = c
+        self.description = f"class_logit({c})"
+
+    def check(self, shape):
+        if len(shape) != 1:
+            raise ConceptLensError(f"class_logit needs a model output of shape [N, classes]; got {list(shape)} per image")
+        if not 0 <= self.c < shape[0]:
+            raise ConceptLensError(f"class {self.c} is out of range for the model's logits (classes 0-{shape[0] - 1})")
+
+    def __call__(self, act):
+        return act[self.c]
+
+
+class _Diversity(_Term):
+    grouped = True
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.description = f"diversity({layer})"
+
+    def check(self, shape):
+        if len(shape) < 2:
+            raise ConceptLensError(f"diversity needs a spatial layer output [C, H, W]; layer {self.layer!r} gives "
+                                   f"{list(shape)} per image")
+
+    def group_values(self, acts):
+        """Each image's term for a group's activations ``[k, C, *spatial]``: ``-sum_j cos(G_i, G_j) / k``.
+
+        Summed over the group this is Lucid's ``diversity`` (negative pairwise cosine similarity of
+        the Gram matrices, divided by the batch size), with the sign flipped to be maximised.
+        """
+        k = acts.shape[0]
+        flat = acts.reshape(k, acts.shape[1], -1)
+        grams = F.normalize((flat @ flat.transpose(1, 2)).reshape(k, -1), dim=1)
+        sim = grams @ grams.T
+        return -(sim.sum(1) - sim.diagonal()) / k
+
+
+def _check_layer_name(layer):
+    if not isinstance(layer, str) or not layer:
+        raise ConceptLensError(f"an objective's layer must be a module name (see `conceptlens layers MODEL`); got {layer!r}")
+    return layer
+
+
+class Objective:
+    """A weighted sum of terms, evaluated per image; combine with ``+``, ``-`` and scalar ``*``.
+
+    Build objectives with :func:`channel`, :func:`unit`, :func:`direction`, :func:`class_logit` and
+    :func:`diversity` rather than with this constructor.
+
+    Parameters
+    ----------
+    terms : sequence of (float, term)
+        Weights and terms.
+    """
+
+    def __init__(self, terms):
+        self.terms = tuple((float(w), t) for w, t in terms)
+
+    @property
+    def description(self):
+        """The objective as a formula, e.g. ``channel(conv4, 3) - 2*unit(conv4, 5, centre)``."""
+        text = ""
+        for w, term in self.terms:
+            sign = "-" if w < 0 else "+"
+            mag = "" if abs(w) == 1 else f"{abs(w):g}*"
+            text += f" {sign} {mag}{term.description}" if text else f"{sign.strip('+')}{mag}{term.description}"
+        return text
+
+    @property
+    def layers(self):
+        """Names of the layers (and :data:`LOGITS`) the objective reads, in first-use order."""
+        return list(dict.fromkeys(t.layer for _, t in self.terms))
+
+    @property
+    def grouped(self):
+        """Whether the objective has a diversity term (its images are optimised together)."""
+        return any(t.grouped for _, t in self.terms)
+
+    def check(self, shapes):
+        """Raise a ConceptLensError unless every term fits ``shapes`` (``{layer: per-image shape}``)."""
+        for _, term in self.terms:
+            term.check(shapes[term.layer])
+
+    def evaluate(self, acts, rows):
+        """The objective for the images ``rows`` of captured activations ``acts`` (``{layer: [N, ...]}``).
+
+        ``rows`` are the indices of this objective's images (its group); returns a ``[len(rows)]``
+        tensor. Non-grouped terms score each image on its own activations.
+        """
+        total = 0.0
+        for w, term in self.terms:
+            act = acts[term.layer][rows]
+            if term.grouped:
+                total = total + w * term.group_values(act)
+            else:
+                total = total + w * torch.stack([term(a) for a in act])
+        return total
+
+    def __repr__(self):
+        return f"Objective({self.description})"
+
+    def __add__(self, other):
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Objective(self.terms + other.terms)
+
+    def __sub__(self, other):
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Objective(self.terms + tuple((-w, t) for w, t in other.terms))
+
+    def __neg__(self):
+        return Objective((-w, t) for w, t in self.terms)
+
+    def __mul__(self, scalar):
+        if isinstance(scalar, bool) or not isinstance(scalar, numbers.Real):
+            return NotImplemented
+        return Objective((w * float(scalar), t) for w, t in self.terms)
+
+    __rmul__ = __mul__
+
+
+def channel(layer, c):
+    """The mean of channel ``c`` of ``layer``'s output over all positions (Lucid's ``channel``)."""
+    return Objective([(1.0, _Channel(_check_layer_name(layer), _index(c, "channel")))])
+
+
+def unit(layer, c, y=None, x=None):
+    """Channel ``c`` of ``layer`` at one position ``(y, x)`` of its map; default the centre (``size // 2``)."""
+    y = None if y is None else _index(y, "unit y")
+    x = None if x is None else _index(x, "unit x")
+    return Objective([(1.0, _Unit(_check_layer_name(layer), _index(c, "channel"), y, x))])
+
+
+def direction(layer, vector):
+    """The mean over positions of ``vector . a[:, y, x]``, the channel vector at each position.
+
+    ``vector`` has one value per channel of ``layer`` (e.g. a CAV); it is used as given, not
+    normalised, so the value scales with its norm.
+    """
+    return Objective([(1.0, _Direction(_check_layer_name(layer), vector))])
+
+
+def class_logit(c):
+    """The model output's logit ``c`` (before any softmax)."""
+    return Objective([(1.0, _ClassLogit(_index(c, "class")))])
+
+
+def diversity(layer, weight=1.0):
+    """``weight`` times Lucid's diversity of a group of images at ``layer`` (see the module notes).
+
+    Add it to an objective and pass that objective several times; lucent's examples use
+    ``channel(...) - 1e2 * diversity(...)`` in loss sign, which is ``diversity(layer, 1e2)`` here.
+    """
+    return Objective([(float(weight), _Diversity(_check_layer_name(layer)))])

@@ -1,0 +1,194 @@
+"""Feature visualisation against planted truth: colour detectors, batch invariance, exact restoration."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conceptlens.errors import ConceptLensError
+from conceptlens.featurevis import (RobustnessTransforms, Visualization, channel, class_logit, direction, diversity,
+                                    fourier, objective_values, pixel, unit, visualize)
+from conceptlens.featurevis._seed import generator
+
+
+def _colour_model():
+    """1x1 conv detectors: channel 0 fires on red, 1 on blue, 2 on green (R - (G+B)/2 style weights)."""
+    conv = nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -0.5, -0.5], [-0.5, -0.5, 1.0], [-0.5, 1.0, -0.5]])[..., None, None])
+        conv.bias.zero_()
+    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU(inplace=True), gap=nn.AdaptiveAvgPool2d(1),
+                                     flat=nn.Flatten(), fc=nn.Linear(3, 2)))
+
+
+def _hook_count(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.mark.parametrize("param, steps, margin", [("fourier", 128, 40), ("pixel", 64, 150)])
+def test_colour_channels_visualise_as_their_colour(param, steps, margin):
+    model = _colour_model()
+    vis = visualize(model, [channel("relu", 0), channel("relu", 1)], size=16, steps=steps, param=param, progress=False)
+    red, blue = vis.images.astype(float).mean(axis=(1, 2))  # mean R, G, B of each image
+    assert vis.images.shape == (2, 16, 16, 3) and vis.images.dtype == np.uint8
+    assert red[0] > red[1] + margin and red[0] > red[2] + margin, red
+    assert blue[2] > blue[0] + margin and blue[2] > blue[1] + margin, blue
+    # the achieved objective is the detector's response to the final image, R - (G + B) / 2 on average
+    response = lambda rgb: max(0.0, (rgb[0] - (rgb[1] + rgb[2]) / 2) / 255)  # noqa: E731
+    assert vis.objective_values[0] >= response(red) - 0.01
+    assert vis.objective_values[1] >= response(blue[[2, 0, 1]]) - 0.01
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_a_batch_equals_one_image_at_a_time(demo_model):
+    objectives = [channel("conv4", c) for c in (1, 2, 3)] + [unit("conv4", 5)]
+    # oneDNN's convolutions round differently for different batch sizes, and Adam's first steps
+    # (about lr * sign(gradient)) amplify that; with the native kernels every image's arithmetic
+    # is the same in a batch, so the result must be bit-identical.
+    with torch.backends.mkldnn.flags(enabled=False):
+        batched = visualize(demo_model, objectives, size=64, steps=16, batch_size=4, progress=False)
+        single = visualize(demo_model, objectives, size=64, steps=16, batch_size=1, progress=False)
+    np.testing.assert_array_equal(batched.images, single.images)
+    np.testing.assert_allclose(batched.objective_values, single.objective_values, rtol=0, atol=1e-6)
+
+
+def test_seeds_repeat_and_differ_and_the_model_is_restored():
+    model = _colour_model()
+    model.train()
+    model.fc.weight.requires_grad_(False)
+    calls = []
+    model.conv.register_forward_hook(lambda *args: calls.append(1))  # the caller's own hook stays
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    hooks = _hook_count(model)
+    run = dict(size=12, steps=8, progress=False)
+    a = visualize(model, [channel("relu", 0), class_logit(1)], seed=3, **run)
+    b = visualize(model, [channel("relu", 0), class_logit(1)], seed=3, **run)
+    c = visualize(model, [channel("relu", 0), class_logit(1)], seed=4, **run)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.objective_values, b.objective_values)
+    assert np.abs(a.images.astype(int) - c.images).max() > 0
+    with pytest.raises(ConceptLensError):
+        visualize(model, [channel("relu", 0), channel("relu", 7)], **run)  # fails after the model was prepared
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert model.relu.inplace is True
+    assert _hook_count(model) == hooks
+    calls.clear()
+    model(torch.rand(1, 3, 8, 8))
+    assert calls == [1]
+
+
+def test_objective_arithmetic_and_direct_values(demo_model):
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    v = lambda obj: objective_values(demo_model, [obj, obj], x)  # noqa: E731
+    a, b = channel("conv4", 3), channel("conv4", 10)
+    np.testing.assert_allclose(v(a + 2 * b), v(a) + 2 * v(b), rtol=1e-6)
+    np.testing.assert_allclose(v(a - b * 0.5), v(a) - 0.5 * v(b), rtol=1e-6)
+    np.testing.assert_allclose(v(-a), -v(a), rtol=1e-6)
+    assert (a - 2 * b).description == "channel(conv4, 3) - 2*channel(conv4, 10)"
+
+    acts = {}
+    handle = demo_model.module.conv4.register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+    mean = torch.tensor(demo_model.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(demo_model.preprocessing.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = demo_model.module((x - mean) / std)
+    handle.remove()
+    a4 = acts["a"].double()  # [2, 64, 8, 8]
+    vec = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    np.testing.assert_allclose(v(unit("conv4", 7)), a4[:, 7, 4, 4].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(v(unit("conv4", 7, y=1, x=6)), a4[:, 7, 1, 6].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(v(direction("conv4", vec.numpy())), torch.einsum("nchw,c->n", a4, vec).numpy() / 64,
+                               rtol=1e-4)
+    np.testing.assert_allclose(v(class_logit(2)), logits[:, 2].numpy(), rtol=1e-5)
+    # Lucid's diversity: -sum over ordered pairs of Gram cosine similarity / batch, shared out per image
+    grams = F.normalize(torch.einsum("ncp,ndp->ncd", *(a4.flatten(2),) * 2).flatten(1), dim=1)
+    expected = -(grams @ grams.T).fill_diagonal_(0).sum() / 2
+    got = objective_values(demo_model, [diversity("conv4", 3.0)] * 2, x)
+    np.testing.assert_allclose(got.sum(), 3.0 * expected.item(), rtol=1e-4)
+
+
+def test_diversity_groups_stay_together_and_differ(demo_model):
+    obj = channel("conv4", 3) + diversity("conv4", 10.0)
+    vis = visualize(demo_model, [obj] * 3 + [channel("conv4", 1)], size=32, steps=4, batch_size=2, progress=False)
+    assert len(vis.images) == 4
+    assert vis.table["objective"].tolist()[:3] == [obj.description] * 3
+    assert np.abs(vis.images[0].astype(int) - vis.images[1]).max() > 0
+
+
+def test_bad_input_is_one_clear_error(demo_model):
+    run = dict(size=32, steps=1, progress=False)
+    with pytest.raises(ConceptLensError, match=r"'conv9' is not a module.*did you mean"):
+        visualize(demo_model, channel("conv9", 0), **run)
+    with pytest.raises(ConceptLensError, match=r"^channel 70 is out of range for layer 'conv4' \(channels 0-63\)$"):
+        visualize(demo_model, channel("conv4", 70), **run)
+    with pytest.raises(ConceptLensError, match=r"unit y=9 is out of range for layer 'conv4' \(y 0-3"):
+        visualize(demo_model, unit("conv4", 0, y=9, x=0), **run)
+    with pytest.raises(ConceptLensError, match=r"needs a vector of 64 values"):
+        visualize(demo_model, direction("conv4", np.ones(10)), **run)
+    with pytest.raises(ConceptLensError, match=r"class 9 is out of range.*classes 0-3"):
+        visualize(demo_model, class_logit(9), **run)
+    with pytest.raises(ConceptLensError, match=r"param must be one of \['fourier', 'pixel'\]; got 'fourrier'"):
+        visualize(demo_model, channel("conv4", 0), param="fourrier", **run)
+    with pytest.raises(ConceptLensError, match="pass size=N"):
+        visualize(demo_model, channel("conv4", 0), steps=1, progress=False)
+    fixed = nn.Sequential(OrderedDict(flat=nn.Flatten(), fc=nn.Linear(3 * 16 * 16, 2)))
+    with pytest.raises(ConceptLensError, match=r"^the model rejects \(3, 20, 20\) inputs \(.*\); pass another size$"):
+        visualize(fixed, class_logit(0), size=20, steps=1, progress=False)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    vis = visualize(_colour_model(), [channel("relu", 0), channel("relu", 2)], size=10, steps=2, param="pixel",
+                    progress=False)
+    back = Visualization.load(vis.save(tmp_path / "vis"))
+    np.testing.assert_array_equal(back.images, vis.images)
+    np.testing.assert_allclose(back.objective_values, vis.objective_values, rtol=1e-12)
+    assert back.table["objective"].tolist() == ["channel(relu, 0)", "channel(relu, 2)"]
+    assert back.provenance["parameters"]["param"] == "pixel(sd=0.01)"
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == [
+        "image_0000.png", "image_0001.png", "objectives.csv", "visualization.json"]
+
+
+def test_parameters_and_transforms_do_not_depend_on_the_batch():
+    for make in (pixel, fourier):
+        both = make([generator(0, 0), generator(0, 1)], 9, 12)()
+        alone = make([generator(0, 1)], 9, 12)()
+        assert both.shape == (2, 3, 9, 12)
+        torch.testing.assert_close(both[1:], alone, rtol=0, atol=0)
+    x = torch.rand(3, 3, 20, 17)
+    t = RobustnessTransforms(pad=3, jitter=2, jitter2=1)
+    batched = t(x, [generator(5, i, 2) for i in range(3)])
+    single = torch.cat([t(x[i:i + 1], [generator(5, i, 2)]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
+    # at scale 1 and angle 0 the transforms are an exact crop of the 0.5-padded image
+    crop = RobustnessTransforms(pad=3, jitter=2, scale=(1, 1), degrees=0, jitter2=1)(x, [generator(0, i) for i in range(3)])
+    padded = F.pad(x, (3,) * 4, value=0.5)
+    for i in range(3):
+        err = min((padded[i, :, a:a + 20, b:b + 17] - crop[i]).abs().max().item() for a in range(7) for b in range(7))
+        assert err < 1e-5
+
+
+def test_cli_visualize_writes_images_values_and_sheet(demo_weights, tmp_path, capsys):
+    from PIL import Image
+
+    from conceptlens.cli import main
+
+    base = ["visualize", "--model", f"demo:{demo_weights}", "--layer", "conv4", "--size", "32", "--steps", "4", "-q"]
+    assert main(base + ["--channels", "0-2,7", "--out", str(tmp_path / "v")]) == 0
+    assert "visualised 4 channels of conv4" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "v" / "objectives.csv")
+    assert len(table) == 4 and table["objective"].str.contains("7").iloc[-1]
+    assert Image.open(tmp_path / "v" / "image_0003.png").size == (32, 32)
+    assert Image.open(tmp_path / "v" / "sheet.png").size == (4 * 32 + 3 * 2, 32)
+    assert main(base + ["--channels", "60-70", "--out", str(tmp_path / "bad")]) == 2
+    assert "channel 64 is out of range for layer 'conv4' (channels 0-63)" in capsys.readouterr().err
+    assert main(base + ["--layer", "conv9", "--channels", "0", "--out", str(tmp_path / "bad")]) == 2
+    with pytest.raises(SystemExit):
+        main(base + ["--channels", "5-2", "--out", str(tmp_path / "bad")])
