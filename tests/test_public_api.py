@@ -13,6 +13,7 @@ MODULES = [
     "conceptlens.representation",
     "conceptlens.core", "conceptlens.core.extract", "conceptlens.core.store", "conceptlens.core.topk",
     "conceptlens.core.corrections", "conceptlens.core.accumulate", "conceptlens.core.hashing", "conceptlens.core.result",
+    "conceptlens.core.frozen",
     "conceptlens.plotting",
     "conceptlens.concepts", "conceptlens.concepts.cav", "conceptlens.concepts.stats", "conceptlens.concepts.tcav",
     "conceptlens.representation.probes", "conceptlens.representation.embed", "conceptlens.representation.neighbors", "conceptlens.representation.topk",

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.frozen import frozen
 from ..errors import ConceptLensError, did_you_mean
 from ..models import trace_modules, validate_layers
 from . import _rebuild
@@ -127,28 +128,13 @@ _HOOK_DICTS = (
 
 @contextlib.contextmanager
 def _analysis_mode(module):
-    """eval(), no parameter gradients, no in-place activations; restores all of it and removes stray hooks."""
+    """:func:`~conceptlens.core.frozen.frozen`, and stray hooks a method left behind are removed."""
     modules = list(module.modules())
-    training = [m.training for m in modules]
-    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
-    params = list(module.parameters())
-    grads = [p.requires_grad for p in params]
     hook_keys = [{d: set(getattr(m, d, {}) or {}) for d in _HOOK_DICTS} for m in modules]
     try:
-        module.eval()
-        for m, _ in inplace:
-            m.inplace = False
-        for p in params:
-            p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():
+        with frozen(module):
             yield
     finally:
-        for m, flag in zip(modules, training):
-            m.training = flag
-        for m, flag in inplace:
-            m.inplace = flag
-        for p, flag in zip(params, grads):
-            p.requires_grad_(flag)
         for m, keys in zip(modules, hook_keys):
             for d, before in keys.items():
                 hooks = getattr(m, d, None)

@@ -11,7 +11,7 @@ __all__ = [
     "ActivationStore", "StoreWriter", "GradientBatch", "capture", "StoreRequest", "Captured", "extract", "iter_activations", "iter_gradients", "predict",
     "predict_tensor", "write_batches", "TopK", "Accumulator", "RunningMoments", "Moments", "merge_all",
     "holm", "benjamini_hochberg", "adjust_pvalues", "BrodenRecord", "BrodenSet", "read_broden", "write_broden",
-    "file_digest", "hash_files", "hash_tree", "hash_json",
+    "file_digest", "hash_files", "hash_tree", "hash_json", "frozen",
 ]
 
 # Submodules load on first use of their names, as in the analyzer packages.
@@ -23,4 +23,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "broden": ["BrodenRecord", "BrodenSet", "read_broden", "write_broden"],
     "hashing": ["file_digest", "hash_files", "hash_tree", "hash_json"],
     "corrections": ["holm", "benjamini_hochberg", "adjust_pvalues"],
+    "frozen": ["frozen"],
 })

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..core.frozen import frozen
 from ..core.result import Result, provenance
 from ..errors import ConceptLensError, did_you_mean
 from ..models import validate_layers
@@ -84,35 +85,6 @@ class Visualization(Result):
         table = pd.read_csv(directory / meta["table"])
         return cls(images=images, objective_values=table["value"].to_numpy(np.float64), table=table,
                    provenance=meta["provenance"])
-
-
-@contextlib.contextmanager
-def _frozen(module):
-    """eval(), parameters without gradients, no in-place activations; restores all three exactly.
-
-    In-place activations are switched off because a hooked layer's output would otherwise be
-    overwritten by the next in-place op before the objective reads it (and autograd refuses it).
-    """
-    modules = list(module.modules())
-    training = [m.training for m in modules]
-    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
-    params = list(module.parameters())
-    grads = [p.requires_grad for p in params]
-    try:
-        module.eval()
-        for m, _ in inplace:
-            m.inplace = False
-        for p in params:
-            p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for m, flag in zip(modules, training):
-            m.training = flag
-        for m, flag in inplace:
-            m.inplace = flag
-        for p, flag in zip(params, grads):
-            p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -283,7 +255,7 @@ def objective_values(model, objectives, images):
                                f"got shape {list(images.shape)}")
     groups = _groups(objectives)
     order = [i for g in groups for i in g]
-    with _frozen(module):
+    with frozen(module):
         scorer = _Scorer(module, prep, objectives, groups, images.shape[1], tuple(images.shape[2:]))
         with torch.no_grad():
             values = scorer(images[order].to(scorer.device), groups)
@@ -344,7 +316,7 @@ def visualize(model, objectives, size=None, steps=512, lr=0.05, param="fourier",
 
     started = time.perf_counter()
     images, values, param_description = [None] * len(objectives), np.empty(len(objectives)), None
-    with _frozen(module):
+    with frozen(module):
         scorer = _Scorer(module, prep, objectives, groups, channels, size)
         bar = tqdm(total=steps * len(chunks), desc="feature visualisation", unit="step", disable=not progress)
         try:
