@@ -192,3 +192,17 @@ def test_cli_visualize_writes_images_values_and_sheet(demo_weights, tmp_path, ca
     assert main(base + ["--layer", "conv9", "--channels", "0", "--out", str(tmp_path / "bad")]) == 2
     with pytest.raises(SystemExit):
         main(base + ["--channels", "5-2", "--out", str(tmp_path / "bad")])
+
+
+def test_each_channel_image_drives_its_own_channel_above_the_median(demo_model):
+    # Specificity on the demo model's last conv: channel k's image activates channel k more than the
+    # median channel of the layer on that image, and more than the median other channel's image does
+    # (measured: 64 of 64 channels at 32 and 64 steps, for both).
+    objectives = [channel("conv4", c) for c in range(64)]
+    vis = visualize(demo_model, objectives, size=64, steps=32, batch_size=64, progress=False)
+    x = torch.from_numpy(vis.images).permute(0, 3, 1, 2).float() / 255
+    acts = np.stack([objective_values(demo_model, objectives, x[k:k + 1].expand(64, -1, -1, -1).contiguous())
+                     for k in range(64)])  # acts[k, j]: channel j on channel k's image
+    own = np.diag(acts)
+    assert (own > np.median(acts, axis=1)).mean() >= 0.9
+    assert (own > np.median(acts, axis=0)).mean() >= 0.9
