@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 from ..errors import ConceptLensError
 
-__all__ = ["Objective", "channel", "unit", "direction", "class_logit", "diversity", "LOGITS"]
+__all__ = ["Objective", "channel", "unit", "direction", "class_logit", "diversity", "input_l2", "LOGITS", "INPUT"]
 
 LOGITS = "<logits>"
 """The key under which the model's output is captured; ``class_logit`` reads it."""
+INPUT = "<input>"
+"""The key of the model's input (the normalised image the forward sees); ``input_l2`` reads it."""
 
 
 class _Term:
@@ -134,6 +136,14 @@ class _ClassLogit(_Term):
 
     def __call__(self, act):
         return act[self.c]
+
+
+class _InputL2(_Term):
+    layer = INPUT
+    description = "l2(input)"
+
+    def __call__(self, act):
+        return (act * act).sum()
 
 
 class _Diversity(_Term):
@@ -270,6 +280,12 @@ def direction(layer, vector):
 def class_logit(c):
     """The model output's logit ``c`` (before any softmax)."""
     return Objective([(1.0, _ClassLogit(_index(c, "class")))])
+
+
+def input_l2(weight=1.0):
+    """``-weight`` times the squared L2 norm of the model's (normalised) input: Simonyan et al.'s
+    regulariser of class-model images, ``S_c(I) - lambda ||I||^2`` = ``class_logit(c) + input_l2(lambda)``."""
+    return Objective([(-float(weight), _InputL2())])
 
 
 def diversity(layer, weight=1.0):
