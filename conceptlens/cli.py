@@ -449,6 +449,31 @@ def _cmd_visualize(args):
           f"objectives.csv, sheet.png)")
 
 
+def _cmd_invert(args):
+    import torch
+
+    from .data import Manifest, load_images
+    from .featurevis import invert
+    from .models import load_model
+    from .plotting import grid, save_png
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.from_images(args.image, kind="image")
+    prep = model.preprocessing_for(manifest)
+    x = load_images(manifest, prep)
+    x = (x * torch.tensor(prep.std).view(1, -1, 1, 1) + torch.tensor(prep.mean).view(1, -1, 1, 1)).clamp(0, 1)
+    result = invert(model, x, args.layers, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    out = result.save(args.out)
+    originals = list((x.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8"))
+    per_image = len(args.layers)
+    rows = [p for i, o in enumerate(originals) for p in [o, *result.images[i * per_image:(i + 1) * per_image]]]
+    save_png(grid(rows, columns=per_image + 1), out / "sheet.png")
+    print(f"inverted {len(originals)} images from {', '.join(args.layers)} ({args.steps} steps) -> {out} "
+          "(image_NNNN.png, objectives.csv with psnr, sheet.png: original then one per layer)")
+    for r in result.table.itertuples():
+        print(f"  {args.image[r.source]}  {r.layer:<12} PSNR {r.psnr:5.1f} dB")
+
+
 def _cmd_tcav(args):
     from .concepts import TCAV
     from .concepts.stats import format_p
@@ -712,6 +737,13 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=32, help="images optimised together (default 32)")
     p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv, sheet.png)")
     p.set_defaults(func=_cmd_visualize)
+    p = sub.add_parser("invert", help="invert layer representations of images (Mahendran & Vedaldi): what each layer keeps")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, action="append", help="an image file (repeat for several)")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv with PSNR, sheet.png)")
+    p.set_defaults(func=_cmd_invert)
     p = sub.add_parser("tcav", help="concept sensitivity (TCAV) with calibrated significance and bias audits")
     _add_model_args(p)
     _add_data_args(p)

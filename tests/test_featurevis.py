@@ -225,3 +225,38 @@ def test_class_models_are_classified_as_their_class(demo_model):
     np.testing.assert_allclose(objective_values(demo_model, [input_l2(1e-3)] * 4, x), direct, rtol=1e-5)
     assert class_models(demo_model, ["square"], size=32, steps=2, progress=False).table["objective"][0].startswith(
         f"class_logit({demo_model.class_index('square')})")
+
+
+def test_inversion_keeps_more_of_the_image_at_an_early_layer(demo_model, demo_weights, world_dir, tmp_path, capsys):
+    # Planted by the architecture: relu1 sees the image at full resolution, conv4 after three
+    # poolings. Measured on 4 images: PSNR 18.5 dB from relu1 vs 10.6 from conv4 at 100 steps
+    # (21.5 vs 10.7 at 200).
+    from conceptlens.cli import main
+    from conceptlens.data import Manifest, load_images
+    from conceptlens.featurevis import invert, match
+
+    manifest = Manifest.read(world_dir / "manifest.csv")
+    prep = demo_model.preprocessing
+    normalised = load_images(manifest.subset(np.arange(len(manifest.frame)) < 2), prep)
+    x = (normalised * torch.tensor(prep.std).view(1, 3, 1, 1) + torch.tensor(prep.mean).view(1, 3, 1, 1)).clamp(0, 1)
+    vis = invert(demo_model, x, ["relu1", "conv4"], steps=60, progress=False)
+    psnr = vis.table.groupby("layer")["psnr"].mean()
+    assert list(vis.table["layer"]) == ["relu1", "conv4"] * 2 and psnr["relu1"] > psnr["conv4"] + 3, psnr
+    # the data term: minus the squared distance to the target representation over its squared norm
+    seen = {}
+    hook = demo_model.module.relu1.register_forward_hook(lambda m, i, o: seen.setdefault("a", o.detach()))
+    with torch.no_grad():
+        demo_model.module.eval()((x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1))
+    hook.remove()
+    a0 = seen["a"][0]
+    assert objective_values(demo_model, [match("relu1", a0)], x[:1])[0] == pytest.approx(0, abs=1e-6)
+    expected = -((seen["a"][1] - a0) ** 2).sum() / (a0 ** 2).sum()
+    assert objective_values(demo_model, [match("relu1", a0)], x[1:2])[0] == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(ConceptLensError, match="relu9"):
+        invert(demo_model, x, ["relu9"], steps=1, progress=False)
+    image = str(manifest.root / manifest.frame["image"][0])
+    base = ["invert", "--model", f"demo:{demo_weights}", "--image", image, "--steps", "3", "-q"]
+    assert main(base + ["--layers", "relu1,conv4", "--out", str(tmp_path / "o")]) == 0
+    assert "relu1" in capsys.readouterr().out and (tmp_path / "o" / "sheet.png").is_file()
+    assert len(pd.read_csv(tmp_path / "o" / "objectives.csv")) == 2
+    assert main(base + ["--layers", "relu9", "--out", str(tmp_path / "bad")]) == 2

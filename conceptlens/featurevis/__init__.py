@@ -5,10 +5,10 @@ per objective, in batches, through a Fourier parameterisation and random robustn
 and returns a :class:`Visualization` (uint8 images, achieved objective values, provenance).
 """
 
-from .objectives import Objective, channel, class_logit, direction, diversity, input_l2, unit
+from .objectives import Objective, channel, class_logit, direction, diversity, input_alpha, input_l2, input_tv, match, unit
 from .param import ImageParam, fourier, pixel
-from .render import Visualization, class_models, objective_values, visualize
+from .render import Visualization, class_models, invert, objective_values, visualize
 from .transforms import RobustnessTransforms, default_transforms
 
 __all__ = ["visualize", "Visualization", "objective_values", "class_models", "Objective", "channel", "unit", "direction",
-           "class_logit", "diversity", "input_l2", "ImageParam", "pixel", "fourier", "RobustnessTransforms", "default_transforms"]
+           "class_logit", "diversity", "input_l2", "match", "input_alpha", "input_tv", "invert", "ImageParam", "pixel", "fourier", "RobustnessTransforms", "default_transforms"]

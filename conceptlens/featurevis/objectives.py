@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..errors import ConceptLensError
 
-__all__ = ["Objective", "channel", "unit", "direction", "class_logit", "diversity", "input_l2", "LOGITS", "INPUT"]
+__all__ = ["Objective", "channel", "unit", "direction", "class_logit", "diversity", "input_l2", "match", "input_alpha",
+           "input_tv", "LOGITS", "INPUT"]
 
 LOGITS = "<logits>"
 """The key under which the model's output is captured; ``class_logit`` reads it."""
@@ -144,6 +145,51 @@ class _InputL2(_Term):
 
     def __call__(self, act):
         return (act * act).sum()
+
+
+class _InputAlpha(_Term):
+    layer = INPUT
+
+    def __init__(self, alpha):
+        self.alpha = alpha
+        self.description = f"alpha{alpha:g}(input)"
+
+    def __call__(self, act):
+        return act.abs().pow(self.alpha).sum()
+
+
+class _InputTV(_Term):
+    """``sum over pixels of (dx^2 + dy^2)^(beta/2)``, forward differences, zero at the last row/column."""
+
+    layer = INPUT
+
+    def __init__(self, beta):
+        self.beta = beta
+        self.description = f"tv{beta:g}(input)"
+
+    def __call__(self, act):
+        dx = F.pad(act[..., :, 1:] - act[..., :, :-1], (0, 1))
+        dy = F.pad(act[..., 1:, :] - act[..., :-1, :], (0, 0, 0, 1))
+        return (dx * dx + dy * dy).pow(self.beta / 2).sum()
+
+
+class _Match(_Term):
+    """``||a - a0||^2 / ||a0||^2``: how far the layer output is from a target (one image's)."""
+
+    def __init__(self, layer, target):
+        self.layer = layer
+        self.target = torch.as_tensor(target, dtype=torch.float32).detach()
+        self.scale = float((self.target * self.target).sum()) or 1.0
+        self.description = f"match({layer})"
+
+    def check(self, shape):
+        if tuple(self.target.shape) != tuple(shape):
+            raise ConceptLensError(f"the target of match({self.layer!r}) has shape {list(self.target.shape)}; "
+                                   f"the layer gives {list(shape)} per image")
+
+    def __call__(self, act):
+        d = act - self.target.to(act.device)
+        return (d * d).sum() / self.scale
 
 
 class _Diversity(_Term):
@@ -286,6 +332,22 @@ def input_l2(weight=1.0):
     """``-weight`` times the squared L2 norm of the model's (normalised) input: Simonyan et al.'s
     regulariser of class-model images, ``S_c(I) - lambda ||I||^2`` = ``class_logit(c) + input_l2(lambda)``."""
     return Objective([(-float(weight), _InputL2())])
+
+
+def match(layer, target, weight=1.0):
+    """``-weight * ||a - a0||^2 / ||a0||^2``: ``layer``'s output close to ``target`` (one image's
+    output, without the batch axis) — the data term of Mahendran & Vedaldi's inversion."""
+    return Objective([(-float(weight), _Match(_check_layer_name(layer), target))])
+
+
+def input_alpha(weight, alpha=6.0):
+    """``-weight * ||x||_alpha^alpha`` of the normalised input (Mahendran & Vedaldi's alpha-norm prior)."""
+    return Objective([(-float(weight), _InputAlpha(float(alpha)))])
+
+
+def input_tv(weight, beta=2.0):
+    """``-weight * TV^beta`` of the normalised input (Mahendran & Vedaldi's total-variation prior)."""
+    return Objective([(-float(weight), _InputTV(float(beta)))])
 
 
 def diversity(layer, weight=1.0):

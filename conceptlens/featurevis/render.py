@@ -14,6 +14,7 @@ different images after a few dozen steps; each run is still repeatable for a fix
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,11 @@ from ..core.result import Result, provenance
 from ..errors import ConceptLensError, did_you_mean
 from ..models import validate_layers
 from ._seed import generator
-from .objectives import INPUT, LOGITS, Objective, class_logit, input_l2
+from .objectives import INPUT, LOGITS, Objective, class_logit, input_alpha, input_l2, input_tv, match
 from .param import PARAMS
 from .transforms import RobustnessTransforms, default_transforms
 
-__all__ = ["visualize", "objective_values", "class_models", "Visualization"]
+__all__ = ["visualize", "objective_values", "class_models", "invert", "Visualization"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +153,10 @@ def _chunks(groups, batch_size):
 class _Scorer:
     """Normalises images, runs the model with the objectives' hooks and scores each image."""
 
-    def __init__(self, module, preprocessing, objectives, groups, channels, size):
+    def __init__(self, module, preprocessing, objectives, groups, channels, size, layers=()):
         self.module, self.objectives, self.groups = module, objectives, groups
-        self.layers = list(dict.fromkeys(layer for o in objectives for layer in o.layers if layer not in (LOGITS, INPUT)))
+        read = [layer for o in objectives for layer in o.layers if layer not in (LOGITS, INPUT)]
+        self.layers = list(dict.fromkeys([*read, *layers]))  # ``layers``: captured for the caller too
         if self.layers:
             validate_layers(module, self.layers)
         device = next(module.parameters(), torch.zeros(())).device
@@ -382,3 +384,51 @@ def class_models(model, classes=None, weight=1e-3, size=None, steps=256, lr=0.05
     objectives = [class_logit(c) + input_l2(weight) for c in index]
     return visualize(model, objectives, size=size, steps=steps, lr=lr, param="pixel", transforms=None, seed=seed,
                      batch_size=batch_size, progress=progress)
+
+
+def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha_weight=1e-5, tv_weight=1e-5, seed=0,
+           batch_size=32, progress=True):
+    """Invert layer representations (Mahendran & Vedaldi 2015): per image and layer, the image ``x``
+    maximising ``-||phi(x) - phi(x0)||^2 / ||phi(x0)||^2 - alpha_weight ||x||_alpha^alpha
+    - tv_weight TV^beta(x)`` (on the normalised input), by Adam on pixels without transforms.
+
+    Parameters
+    ----------
+    model : LoadedModel or nn.Module
+    images : Tensor [N, C, H, W]
+        The originals, pixel values in ``[0, 1]`` (the model's normalisation is applied here).
+    layers : sequence of str
+        Each image is reconstructed from each layer.
+    alpha, beta, alpha_weight, tv_weight : float
+        The priors: alpha 6 and beta 2 from the paper; the weights 1e-5 of the PyTorch port of its
+        method on ImageNet-normalised inputs (the paper scales by its image range instead).
+    steps, lr, seed, batch_size, progress :
+        As in :func:`visualize` (``param="pixel"``, ``transforms=None``).
+
+    Returns
+    -------
+    Visualization
+        One reconstruction per (image, layer), image-major; its table adds ``source`` (the
+        image's position), ``layer`` and ``psnr`` (dB, against the original).
+    """
+    module, prep = _unwrap(model)
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if images.ndim != 4 or not len(images):
+        raise ConceptLensError(f"images must be a non-empty [N, C, H, W] tensor in [0, 1]; got shape {list(images.shape)}")
+    layers = list(layers)
+    if not layers:
+        raise ConceptLensError("invert needs at least one layer")
+    validate_layers(module, layers)
+    with frozen(module), torch.no_grad():
+        scorer = _Scorer(module, prep, [], [], images.shape[1], tuple(images.shape[2:]), layers=layers)
+        targets = scorer._forward(images.to(scorer.device))
+    objectives = [match(layer, targets[layer][i]) + input_alpha(alpha_weight, alpha) + input_tv(tv_weight, beta)
+                  for i in range(len(images)) for layer in layers]
+    vis = visualize(model, objectives, size=tuple(images.shape[2:]), steps=steps, lr=lr, param="pixel", transforms=None,
+                    seed=seed, batch_size=batch_size, progress=progress, channels=images.shape[1])
+    recon = torch.from_numpy(vis.images).permute(0, 3, 1, 2).float() / 255
+    original = images.repeat_interleave(len(layers), dim=0)
+    mse = ((recon - original) ** 2).mean((1, 2, 3)).clamp_min(1e-12)
+    table = vis.table.assign(source=np.repeat(np.arange(len(images)), len(layers)), layer=layers * len(images),
+                             psnr=(10 * torch.log10(1 / mse)).numpy())
+    return dataclasses.replace(vis, table=table)
