@@ -450,7 +450,7 @@ def _cmd_visualize(args):
 
 
 def _cmd_invert(args):
-    import torch
+    import dataclasses
 
     from .data import Manifest, load_images
     from .featurevis import invert
@@ -459,9 +459,9 @@ def _cmd_invert(args):
 
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     manifest = Manifest.from_images(args.image, kind="image")
-    prep = model.preprocessing_for(manifest)
+    # The model's resize and crop without its normalisation: invert takes [0, 1] pixels and normalises itself.
+    prep = dataclasses.replace(model.preprocessing_for(manifest), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     x = load_images(manifest, prep)
-    x = (x * torch.tensor(prep.std).view(1, -1, 1, 1) + torch.tensor(prep.mean).view(1, -1, 1, 1)).clamp(0, 1)
     result = invert(model, x, args.layers, steps=args.steps, seed=args.seed, progress=not args.quiet)
     out = result.save(args.out)
     originals = list((x.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8"))

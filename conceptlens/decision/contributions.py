@@ -165,6 +165,8 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
                     f"concept directions have {directions.shape[1]} dimensions; layer {layer!r} has {a.shape[1]} channels "
                     f"({a[0].numel()} values per map): give CAVs of this layer")
             cell_of = _cell_matrix(a.shape[2:], cells, a.device)
+            if directions is not None:
+                directions = torch.as_tensor(directions, dtype=g.dtype, device=g.device)
         ga = (g * a).float()
         parts.append((ga.flatten(2) @ cell_of).cpu().numpy())
         linear.append(ga.sum((1, 2, 3)).cpu().numpy())
@@ -173,8 +175,7 @@ def unit_contributions(model, manifest, rows, layer, target, preprocessing, cell
         grads.append(g.flatten(1).float().cpu().numpy())  # views of the batch's own tensors on CPU
         acts.append(a.flatten(1).float().cpu().numpy())
         if directions is not None:
-            d = torch.as_tensor(directions, dtype=g.dtype, device=g.device)
-            dirs.append(_direction_contributions(g, a, d).float().cpu().numpy())
+            dirs.append(_direction_contributions(g, a, directions).float().cpu().numpy())
         read.append(np.asarray(batch.rows, dtype=np.int64))
         bar.update(len(batch.rows))
     bar.close()

@@ -55,10 +55,10 @@ def _group_matrix(groups, k, by_cell=False):
     """``[C*k*k, G]`` one-hot of each feature's unit group (or group and grid cell), and the names."""
     cells = _cell_names(k)
     keys = [(g, c if by_cell else "") for g in groups for c in cells]
-    names = list(dict.fromkeys(keys))
-    onehot = np.zeros((len(keys), len(names)))
-    onehot[np.arange(len(keys)), [names.index(key) for key in keys]] = 1
-    return onehot, [f"{g} @ {c}" if c else g for g, c in names]
+    column = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    onehot = np.zeros((len(keys), len(column)))
+    onehot[np.arange(len(keys)), [column[key] for key in keys]] = 1
+    return onehot, [f"{g} @ {c}" if c else g for g, c in column]
 
 
 def _unit_groups(unit_labels, n_units):
@@ -278,8 +278,7 @@ class DecisionTreeResult(Result):
         if shares.shape[1] != self.centroids.shape[1]:
             raise ConceptLensError(f"layer {params['layer']!r} gives {shares.shape[1]} features per image; the tree has "
                                    f"{self.centroids.shape[1]}: route with the model the tree was built on")
-        nodes = self.nodes.set_index("node")
-        position = {int(n): i for i, n in enumerate(self.nodes["node"])}
+        nodes = self.nodes.set_index("node")  # node ids are the rows of nodes and centroids, root first
         current = np.zeros(len(rows), dtype=np.int64)  # the root
         paths = [["0"] for _ in rows]
         while True:
@@ -289,8 +288,8 @@ class DecisionTreeResult(Result):
             idx = np.flatnonzero(inner)
             left = nodes.loc[current[idx], "left"].to_numpy(int)
             right = nodes.loc[current[idx], "right"].to_numpy(int)
-            dl = ((shares[idx] - self.centroids[[position[v] for v in left]]) ** 2).sum(1)
-            dr = ((shares[idx] - self.centroids[[position[v] for v in right]]) ** 2).sum(1)
+            dl = ((shares[idx] - self.centroids[left]) ** 2).sum(1)
+            dr = ((shares[idx] - self.centroids[right]) ** 2).sum(1)
             current[idx] = np.where(dl <= dr, left, right)
             for i in idx:
                 paths[i].append(str(current[i]))
