@@ -440,7 +440,8 @@ def _cmd_visualize(args):
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
     result = visualize(model, [channel(args.layer, c) for c in args.channels], size=args.size, steps=args.steps,
                        lr=args.lr, param=args.param, transforms=None if args.no_transforms else "default",
-                       seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+                       seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                       relu_redirect_steps=args.redirect_relu)
     out = result.save(args.out)
     save_png(grid(list(result.images)), out / "sheet.png")
     values = result.objective_values
@@ -733,6 +734,9 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
     p.add_argument("--param", default="fourier", choices=["fourier", "pixel"], help="image parameterisation (default fourier)")
     p.add_argument("--no-transforms", action="store_true", help="no random pad/jitter/scale/rotate during the optimisation")
+    p.add_argument("--redirect-relu", type=int, default=0, metavar="STEPS",
+                   help="during the first STEPS steps, nn.ReLU modules pass Lucid's redirected gradient to images "
+                        "that get none through them, reviving units dead at the start (Lucid: 16; default 0, off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="images optimised together (default 32)")
     p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv, sheet.png)")

@@ -192,6 +192,10 @@ def test_cli_visualize_writes_images_values_and_sheet(demo_weights, tmp_path, ca
     assert main(base + ["--layer", "conv9", "--channels", "0", "--out", str(tmp_path / "bad")]) == 2
     with pytest.raises(SystemExit):
         main(base + ["--channels", "5-2", "--out", str(tmp_path / "bad")])
+    assert main(base + ["--channels", "0", "--redirect-relu", "2", "--out", str(tmp_path / "r")]) == 0
+    assert Visualization.load(tmp_path / "r").provenance["parameters"]["relu_redirect_steps"] == 2
+    assert main(base + ["--channels", "0", "--redirect-relu", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "relu_redirect_steps must be a non-negative integer" in capsys.readouterr().err
 
 
 def test_each_channel_image_drives_its_own_channel_above_the_median(demo_model):
@@ -260,3 +264,49 @@ def test_inversion_keeps_more_of_the_image_at_an_early_layer(demo_model, demo_we
     assert "relu1" in capsys.readouterr().out and (tmp_path / "o" / "sheet.png").is_file()
     assert len(pd.read_csv(tmp_path / "o" / "objectives.csv")) == 2
     assert main(base + ["--layers", "relu9", "--out", str(tmp_path / "bad")]) == 2
+
+
+def _dead_red_model():
+    """One red detector behind a ReLU with bias -0.7: dead (no gradient) for the grey initial image."""
+    conv = nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+        conv.bias.fill_(-0.7)
+    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU(), gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten()))
+
+
+@pytest.mark.parametrize("param", ["pixel", "fourier"])
+def test_redirected_relu_revives_a_dead_unit(param):
+    model = _dead_red_model()
+    hooks = _hook_count(model)
+    plain = visualize(model, [channel("relu", 0)], size=16, steps=64, param=param, progress=False)
+    redirected = visualize(model, [channel("relu", 0)], size=16, steps=64, param=param, progress=False,
+                           relu_redirect_steps=16)
+    assert plain.objective_values[0] == 0.0  # never leaves the dead start
+    assert redirected.objective_values[0] > 0.04  # measured 0.22 (pixel) and 0.045 (fourier)
+    red = redirected.images.astype(float).mean(axis=(0, 1, 2))
+    assert red[0] > red[1] and red[0] > red[2]
+    assert _hook_count(model) == hooks
+
+
+def test_redirected_gradient_follows_lucid_rule():
+    from conceptlens.featurevis.relu import _RedirectedReLU
+
+    # image 0 has a positive input (alive): plain ReLU gradient; image 1 is all negative (dead):
+    # the incoming gradient passes except where it would push a negative input lower (grad > 0)
+    x = torch.tensor([[[-1.0, 2.0, -3.0]], [[-1.0, -2.0, -3.0]]], requires_grad=True)
+    grad = torch.tensor([[[1.0, -1.0, -2.0]], [[1.0, -1.0, -2.0]]])
+    out = _RedirectedReLU.apply(x)
+    out.backward(grad)
+    torch.testing.assert_close(out, x.detach().clamp_min(0))
+    reference = torch.autograd.grad(torch.relu(x[:1]), x, grad[:1])[0][0]
+    torch.testing.assert_close(x.grad[0], reference)
+    torch.testing.assert_close(x.grad[1], torch.tensor([[0.0, -1.0, -2.0]]))
+
+
+def test_redirecting_needs_relu_modules():
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 1), gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten()))
+    with pytest.raises(ConceptLensError, match="nn.ReLU modules"):
+        visualize(model, [channel("conv", 0)], size=8, steps=2, progress=False, relu_redirect_steps=4)
+    with pytest.raises(ConceptLensError, match="relu_redirect_steps must be a non-negative integer"):
+        visualize(model, [channel("conv", 0)], size=8, steps=2, progress=False, relu_redirect_steps=-1)

@@ -31,6 +31,7 @@ from ..models import validate_layers
 from ._seed import generator
 from .objectives import INPUT, LOGITS, Objective, class_logit, input_alpha, input_l2, input_tv, match
 from .param import PARAMS
+from .relu import redirected_relus
 from .transforms import RobustnessTransforms, default_transforms
 
 __all__ = ["visualize", "objective_values", "class_models", "invert", "Visualization"]
@@ -215,7 +216,7 @@ def _resolve_size(size, preprocessing, model):
     return size
 
 
-def _check_parameters(steps, lr, param, transforms, seed, batch_size, channels):
+def _check_parameters(steps, lr, param, transforms, seed, batch_size, channels, relu_redirect_steps=0):
     """Each parameter's constraint, declared once."""
     def positive_int(name, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -226,6 +227,8 @@ def _check_parameters(steps, lr, param, transforms, seed, batch_size, channels):
     positive_int("channels", channels)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConceptLensError(f"seed must be an integer; got {seed!r}")
+    if isinstance(relu_redirect_steps, bool) or not isinstance(relu_redirect_steps, int) or relu_redirect_steps < 0:
+        raise ConceptLensError(f"relu_redirect_steps must be a non-negative integer; got {relu_redirect_steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ConceptLensError(f"lr must be a positive number; got {lr!r}")
     if param not in PARAMS:
@@ -267,7 +270,7 @@ def objective_values(model, objectives, images):
 
 
 def visualize(model, objectives, size=None, steps=512, lr=0.05, param="fourier", transforms="default", seed=0,
-              batch_size=32, progress=True, channels=3):
+              batch_size=32, progress=True, channels=3, relu_redirect_steps=0):
     """Optimise one image per objective (Lucid-style feature visualisation).
 
     Parameters
@@ -300,6 +303,10 @@ def visualize(model, objectives, size=None, steps=512, lr=0.05, param="fourier",
         Show a tqdm bar.
     channels : int
         Image channels (3 for RGB models).
+    relu_redirect_steps : int
+        During the first this many steps, the model's ``nn.ReLU`` modules pass Lucid's redirected
+        gradient to images that get none through them (:mod:`~conceptlens.featurevis.relu`), so
+        that units dead for the initial image can still be optimised; Lucid uses 16. 0: off.
 
     Returns
     -------
@@ -307,7 +314,7 @@ def visualize(model, objectives, size=None, steps=512, lr=0.05, param="fourier",
     """
     module, prep = _unwrap(model)
     objectives = _as_objectives(objectives)
-    _check_parameters(steps, lr, param, transforms, seed, batch_size, channels)
+    _check_parameters(steps, lr, param, transforms, seed, batch_size, channels, relu_redirect_steps)
     size = _resolve_size(size, prep, model)
     if transforms == "default":
         transforms = default_transforms(*size)
@@ -318,7 +325,10 @@ def visualize(model, objectives, size=None, steps=512, lr=0.05, param="fourier",
 
     started = time.perf_counter()
     images, values, param_description = [None] * len(objectives), np.empty(len(objectives)), None
-    with frozen(module):
+    step = 0
+    redirect = (redirected_relus(module, lambda: step < relu_redirect_steps) if relu_redirect_steps
+                else contextlib.nullcontext())
+    with frozen(module), redirect:
         scorer = _Scorer(module, prep, objectives, groups, channels, size)
         bar = tqdm(total=steps * len(chunks), desc="feature visualisation", unit="step", disable=not progress)
         try:
@@ -347,7 +357,7 @@ def visualize(model, objectives, size=None, steps=512, lr=0.05, param="fourier",
     descriptions = [o.description for o in objectives]
     table = pd.DataFrame({"image": np.arange(len(objectives)), "objective": descriptions, "value": values})
     params = {"size": list(size), "steps": steps, "lr": lr, "param": param_description, "seed": seed,
-              "batch_size": batch_size, "channels": channels,
+              "batch_size": batch_size, "channels": channels, "relu_redirect_steps": relu_redirect_steps,
               "transforms": None if transforms is None else transforms.describe()}
     prov = provenance(model, parameters=params, preprocessing=None if prep is None else prep.to_dict(),
                       timings={"optimise": time.perf_counter() - started}, objectives=descriptions)
