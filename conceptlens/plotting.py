@@ -31,7 +31,7 @@ from scipy import ndimage  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 __all__ = ["confusion_plot", "grouped_bars", "depth_plot", "scatter_plot", "heatmap_scale", "heatmap_rgb", "overlay_rgb",
-           "unit_panel", "enlarge", "topk_thumbnail", "strip", "grid", "save_png", "write_explanation_gallery", "write_unit_gallery",
+           "unit_panel", "enlarge", "fit_height", "topk_thumbnail", "strip", "grid", "save_png", "write_explanation_gallery", "write_unit_gallery",
            "decision_tree_plot", "prototype_strip", "write_mode_gallery"]
 
 
@@ -218,6 +218,14 @@ def unit_panel(image, unit_mask, label_mask):
 def enlarge(image, size):
     """Nearest-neighbour resize of a uint8 image to ``size x size`` (prototype maps stay blocky)."""
     return np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((size, size), Image.NEAREST))
+
+
+def fit_height(image, height):
+    """Bilinear resize of a uint8 ``[H, W, 3]`` image to ``height`` rows, keeping its aspect ratio
+    (a feature visualisation beside dissection panels of another size)."""
+    h, w = image.shape[:2]
+    width = max(1, round(w * height / h))
+    return np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((width, height), Image.BILINEAR))
 
 
 def topk_thumbnail(path, y, x, height, width, size=64):

@@ -235,3 +235,55 @@ def test_demo_command_builds_the_full_report(tmp_path, capsys):
     audits = pd.read_csv(tmp_path / "demo" / "report" / "tables" / "audits.csv")
     assert list(audits["verdict"]) == ["fail"]  # the quick demo's world is tag-biased too
     assert load_spec(tmp_path / "demo" / "report.toml").model.endswith("model/demo.pt")
+
+
+@pytest.fixture(scope="module")
+def visualized(tmp_path_factory, demo_weights, world_dir):
+    """A units-only report with ``[dissection] visualize`` on (8 steps: cheap), built twice."""
+    tmp = tmp_path_factory.mktemp("report-vis")
+    text = SPEC.format(weights=demo_weights, world=world_dir, concepts=world_dir / "concepts", title="visualised units",
+                       sections=json.dumps(["units"]))
+    text = text.replace('insensitive = ["tag:circle"]', "")  # an audit would run TCAV, which this test does not need
+    text = text.replace("[dissection]\n", "[dissection]\nvisualize = true\nvisualize_steps = 8\n")
+    (tmp / "spec.toml").write_text(text)
+    spec = load_spec(tmp / "spec.toml")
+    first = build_report(spec, tmp / "out", progress=False)
+    again = build_report(spec, tmp / "out", progress=False)
+    return spec, tmp / "out", first, again
+
+
+def test_unit_visualizations_are_cached_and_shown_beside_their_units(visualized):
+    from conceptlens.dissection import DissectionResult
+    from conceptlens.featurevis import Visualization, channel, objective_values
+    from conceptlens.models import load_model
+    from conceptlens.plotting import fit_height
+    from conceptlens.report.sections import gallery_units
+
+    spec, out, first, again = visualized
+    cached = {s["name"]: s["cached"] for s in again.stages}
+    assert [s["cached"] for s in first.stages if s["name"] == "unit_visualizations"] == [False]
+    assert cached["unit_visualizations"] is True and cached["dissection"] is True
+    (vis_dir,) = (out / "cache").glob("unit_visualizations-*")
+    (dissection_dir,) = (out / "cache").glob("dissection-*")
+    vis = Visualization.load(vis_dir)
+    units = [(r.layer, int(r.unit)) for r in gallery_units(DissectionResult.load(dissection_dir)).itertuples()]
+    assert units, "the demo model's conv4 should have interpretable units"
+    # One image per gallery unit, in one call, with the spec's settings.
+    objectives = [channel(layer, u) for layer, u in units]
+    assert list(vis.table["objective"]) == [o.description for o in objectives]
+    params = vis.provenance["parameters"]
+    assert params["steps"] == 8 and params["seed"] == spec.seed and params["param"].startswith("fourier")
+    # The saved images really are these units' visualisations: re-scoring them gives the stored
+    # values (up to the rounding of the images to uint8).
+    images = torch.from_numpy(vis.images).permute(0, 3, 1, 2).float() / 255
+    rescored = objective_values(load_model(spec.model), objectives, images)
+    np.testing.assert_allclose(rescored, vis.objective_values, atol=5e-3, rtol=0)
+    html = first.index.read_text()
+    assert "Fourier-parameterised" in html and "8 Adam steps" in html and "mean activation" in html
+    for i, (layer, u) in enumerate(units):
+        src = f"assets/unit-{layer}-{u}.png"
+        assert f'src="{src}" alt="{layer} unit {u} feature visualisation, then top images"' in html
+        # The strip's first panel is the unit's visualisation, resized to the dissection panels' height.
+        strip = np.asarray(Image.open(out / src).convert("RGB"))
+        shown = fit_height(vis.images[i], strip.shape[0])
+        np.testing.assert_array_equal(strip[:, :shown.shape[1]], shown)

@@ -54,6 +54,9 @@ def test_paths_are_relative_to_the_spec_file(tmp_path):
         ('[audits]\ninsensitive = ["tag:circle"]\n', "[audits] insensitive needs [concepts] dir and random_pool"),
         ('[embedding]\nmethod = "mds"\n', "[embedding] method must be one of tsne, umap, pca"),
         ('[concepts]\nruns = "ten"\n', "[concepts] runs must be a non-negative integer"),
+        ('[dissection]\nvisualize = "yes"\n', "[dissection] visualize must be true or false; got 'yes'"),
+        ('[dissection]\nvisualize_steps = 0\n', "[dissection] visualize_steps must be at least 1; got 0"),
+        ('[dissection]\nvisualise = true\n', "unknown key 'visualise' in table [dissection]; did you mean 'visualize'?"),
     ],
 )
 def test_bad_specs_name_the_key(tmp_path, extra, message):
@@ -61,6 +64,20 @@ def test_bad_specs_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConceptLensError) as exc:
         load_spec(_spec(tmp_path, text))
     assert message in str(exc.value)
+
+
+def test_bad_value_is_one_line_naming_file_and_key(tmp_path):
+    path = _spec(tmp_path, BASE + "[dissection]\nvisualize_steps = -3\n")
+    with pytest.raises(ConceptLensError) as exc:
+        load_spec(path)
+    assert str(exc.value) == f"{path}: [dissection] visualize_steps must be a non-negative integer; got -3"
+
+
+def test_dissection_visualize_is_off_by_default_and_cheap(tmp_path):
+    spec = load_spec(_spec(tmp_path, BASE))
+    assert spec.dissect_visualize is False and spec.dissect_visualize_steps == 128
+    on = load_spec(_spec(tmp_path, BASE + "[dissection]\nvisualize = true\nvisualize_steps = 8\n"))
+    assert on.dissect_visualize is True and on.dissect_visualize_steps == 8
 
 
 def test_missing_required_and_invalid_toml(tmp_path):

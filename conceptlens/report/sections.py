@@ -7,6 +7,7 @@ Builders read only results, never analyzer internals.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -14,8 +15,9 @@ import pandas as pd
 
 from ..core.hashing import hash_tree
 from ..core.broden import read_broden
-from ..plotting import (confusion_plot, decision_tree_plot, depth_plot, enlarge, grouped_bars, heatmap_rgb, heatmap_scale,
-                        overlay_rgb, prototype_strip, save_png, scatter_plot, strip, topk_thumbnail, unit_panel)
+from ..plotting import (confusion_plot, decision_tree_plot, depth_plot, enlarge, fit_height, grouped_bars, heatmap_rgb,
+                        heatmap_scale, overlay_rgb, prototype_strip, save_png, scatter_plot, strip, topk_thumbnail,
+                        unit_panel)
 from .render import image_block, table_block
 
 __all__ = ["STAGES", "SECTION_BUILDERS"]
@@ -200,7 +202,59 @@ def stage_dissection(run, results):
     return {"dissection": run.stage("dissection", params, compute, DissectionResult.load)}
 
 
+def gallery_units(dissection):
+    """The units the units section shows with their images: the ``UNIT_GALLERY`` interpretable
+    units of highest IoU, best first (rows of the dissection's unit table)."""
+    ranked = dissection.to_frame().sort_values("iou", ascending=False)
+    return ranked[ranked["interpretable"].astype(bool)].head(UNIT_GALLERY)
+
+
+# Feature visualisation settings of the units section (visualize's defaults, named so the cache key
+# holds them); one chunk for the whole gallery, since chunking changes the rounding (see visualize).
+UNIT_VIS = {"lr": 0.05, "param": "fourier", "transforms": "default", "batch_size": UNIT_GALLERY}
+
+
+def stage_unit_visualizations(run, results):
+    """One feature visualisation per gallery unit (``[dissection] visualize``), all in one
+    :func:`~conceptlens.featurevis.visualize` call, with the preprocessing the report's images get."""
+    spec = run.spec
+    if not spec.dissect_visualize or "dissection" not in results:
+        return {}
+    from ..featurevis import Visualization, channel, visualize
+
+    units = [[r.layer, int(r.unit)] for r in gallery_units(results["dissection"]).itertuples()]
+    if not units:
+        return {}
+    # The model's own preprocessing may be unset where the manifest's sidecar gives it: visualise
+    # with what the analyses use (its normalisation and input size), which the cache key then holds.
+    prep = run.model.preprocessing_for(run.manifest)
+    model = dataclasses.replace(run.model, preprocessing=prep)
+    size = _input_size(run, prep)
+
+    def compute(d):
+        visualize(model, [channel(layer, u) for layer, u in units], size=size, steps=spec.dissect_visualize_steps,
+                  seed=spec.seed, progress=run.progress, **UNIT_VIS).save(d)
+
+    params = {"units": units, "steps": spec.dissect_visualize_steps, "preprocessing": prep.to_dict(), "size": size,
+              **UNIT_VIS}
+    return {"unit_visualizations": run.stage("unit_visualizations", params, compute, Visualization.load)}
+
+
+def _input_size(run, prep):
+    """The visualisations' ``[H, W]`` where neither the model nor the preprocessing gives a size
+    (``None`` otherwise: :func:`~conceptlens.featurevis.visualize` uses theirs): the first manifest
+    image's, as the model sees the report's images unresized."""
+    if run.model.input_size or prep.crop or prep.resize:
+        return None
+    from PIL import Image
+
+    with Image.open(run.manifest.image_paths()[0]) as im:
+        return [im.height, im.width]
+
+
 def section_units(page, spec, results):
+    from ..featurevis import channel
+
     if "dissection" not in results:
         return page.section("units", "Units", skipped="no Broden-style concept set ([dissection] broden)")
     res = results["dissection"]
@@ -221,20 +275,40 @@ def section_units(page, spec, results):
     cols = ["layer", "unit", "label", "category", "iou", "threshold", "interpretable", "dead"]
     ranked = units.sort_values("iou", ascending=False)
     blocks.append(table_block(page, ranked[[c for c in cols if c in ranked]], "units", "Units by IoU", max_rows=30))
+    vis = results.get("unit_visualizations")
+    # Matched by objective, not position: a unit never shows another unit's visualisation.
+    images = {} if vis is None else dict(zip(vis.table["objective"], vis.images))
     items, cache = [], {}
     broden = read_broden(spec.broden) if spec.broden is not None else None
-    for r in ranked[ranked["interpretable"].astype(bool)].head(UNIT_GALLERY).itertuples():
+    for r in gallery_units(res).itertuples():
         panels = [unit_panel(*p) for p in res.unit_panels(r.layer, r.unit, broden, cache=cache)] if broden else []
         if not panels:
             continue
+        seen = images.get(channel(r.layer, int(r.unit)).description)
+        if seen is not None:
+            panels.insert(0, fit_height(seen, panels[0].shape[0]))
         name = f"unit-{_slug(r.layer)}-{r.unit}.png"
         save_png(strip(panels), page.asset(name))
-        items.append({"src": f"assets/{name}", "alt": f"{r.layer} unit {r.unit} top images",
+        shown = "feature visualisation, then top images" if seen is not None else "top images"
+        items.append({"src": f"assets/{name}", "alt": f"{r.layer} unit {r.unit} {shown}",
                       "caption": f"{r.layer} unit {r.unit}: {r.label} ({r.category}), IoU {r.iou:.3f}"})
     if items:
-        blocks.append({"kind": "strip", "title": "Top units: most activating images with unit mask and concept mask",
-                       "items": items})
+        title = "Top units: most activating images with unit mask and concept mask"
+        text = None
+        if vis is not None:
+            title = "Top units: feature visualisation, then most activating images with unit mask and concept mask"
+            text = _unit_visualization_text(vis)
+        blocks.append({"kind": "strip", "title": title, "text": text, "items": items})
     page.section("units", "Units", blocks)
+
+
+def _unit_visualization_text(vis):
+    """What the first image of each gallery strip is, from the visualisation's own provenance."""
+    p = vis.provenance.get("parameters", {})
+    return (f"First image of each strip: the unit's feature visualisation, activation maximisation of the unit's mean "
+            f"activation over its map by a Fourier-parameterised image, {p.get('steps')} Adam steps at learning rate "
+            f"{p.get('lr')}, random transforms each step ({p.get('transforms')}), seed {p.get('seed')}; then the "
+            "unit's most activating Broden images.")
 
 
 # --------------------------------------------------------------------------- audits
@@ -679,7 +753,7 @@ def section_dataset(page, spec, results):
                  skipped=None if blocks else "no SpRAy classes (set [drilldown] spray_classes or [audits] insensitive)")
 
 
-STAGES = [stage_capture, stage_tcav, stage_dissection, stage_decision, stage_representation, stage_drilldown, stage_audit_drilldown,
+STAGES = [stage_capture, stage_tcav, stage_dissection, stage_unit_visualizations, stage_decision, stage_representation, stage_drilldown, stage_audit_drilldown,
           stage_spray]
 
 SECTION_BUILDERS = {

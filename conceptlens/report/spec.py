@@ -55,6 +55,12 @@ class ReportSpec:
         Broden-style concept set for network dissection.
     dissect_layers : tuple of str or None
         Default: the last two of ``layers``.
+    dissect_visualize : bool
+        Show each top unit's feature visualisation beside its dissection images (``[dissection]
+        visualize``; default off: it optimises one image per unit).
+    dissect_visualize_steps : int
+        Optimisation steps of those visualisations (default 128, a quarter of lucent's 512, to keep
+        the report cheap).
     probe_targets : tuple of str or None
         Manifest columns the probes predict (default: ``label`` and every attribute with 2 to 20
         distinct values).
@@ -121,6 +127,8 @@ class ReportSpec:
     tcav_runs: int | None = None
     broden: Path | None = None
     dissect_layers: tuple | None = None
+    dissect_visualize: bool = False
+    dissect_visualize_steps: int = 128
     probe_targets: tuple | None = None
     embed_method: str = "tsne"
     duplicate_layer: str | None = None
@@ -154,7 +162,7 @@ class ReportSpec:
         return out
 
 
-# Each TOML table: key -> (ReportSpec field, kind). Kinds: str, path, int, float, names, pairs.
+# Each TOML table: key -> (ReportSpec field, kind). Kinds: str, path, bool, int, float, names, pairs.
 _TABLES = {
     "": {"title": ("title", "str"), "seed": ("seed", "int"), "sections": ("sections", "names")},
     "model": {"spec": ("model", "str"), "num_classes": ("num_classes", "int"), "device": ("device", "str")},
@@ -163,7 +171,8 @@ _TABLES = {
     "concepts": {"dir": ("concepts", "path"), "random_pool": ("random_pool", "path"), "names": ("concept_names", "names"),
                  "classes": ("tcav_classes", "names"),
                  "layers": ("tcav_layers", "names"), "runs": ("tcav_runs", "int")},
-    "dissection": {"broden": ("broden", "path"), "layers": ("dissect_layers", "names")},
+    "dissection": {"broden": ("broden", "path"), "layers": ("dissect_layers", "names"),
+                   "visualize": ("dissect_visualize", "bool"), "visualize_steps": ("dissect_visualize_steps", "int")},
     "probes": {"targets": ("probe_targets", "names")},
     "embedding": {"method": ("embed_method", "str")},
     "dataset": {"layer": ("duplicate_layer", "str"), "duplicate_threshold": ("duplicate_threshold", "float")},
@@ -213,6 +222,10 @@ def _convert(value, kind, where, base):
         if not p.exists():
             raise ConceptLensError(f"{where} = {value!r}: {p} does not exist; paths are relative to the spec file")
         return p
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConceptLensError(f"{where} must be true or false; got {value!r}")
+        return value
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConceptLensError(f"{where} must be a non-negative integer; got {value!r}")
@@ -301,6 +314,8 @@ def validate_spec(spec):
         raise ConceptLensError(f"{source}: [review] slices must be at least 2; got {spec.review_slices}")
     if not 0 < spec.review_margin < 1:
         raise ConceptLensError(f"{source}: [review] margin must be in (0, 1); got {spec.review_margin}")
+    if spec.dissect_visualize_steps < 1:
+        raise ConceptLensError(f"{source}: [dissection] visualize_steps must be at least 1; got {spec.dissect_visualize_steps}")
     if spec.decision_modes < 1 or spec.decision_cells < 1:
         raise ConceptLensError(f"{source}: [decision] modes and cells must be at least 1; got {spec.decision_modes} and {spec.decision_cells}")
     if spec.audit_insensitive and (spec.concepts is None or spec.random_pool is None):
