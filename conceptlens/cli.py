@@ -430,22 +430,46 @@ def _index_list(text):
     return sorted(out)
 
 
+def _visualize_objectives(args):
+    """The objectives ``visualize`` asks for: one per channel (mean or centre unit) or per concept
+    direction, each repeated ``--diversity`` times with the diversity term."""
+    from .featurevis import channel, direction, diversity, unit
+
+    if (args.channels is None) == (args.concepts is None):
+        raise ConceptLensError("pass exactly one of --channels (channels of --layer) and --concepts (a TCAV result's "
+                               "concept directions at --layer)")
+    if args.diversity < 1:
+        raise ConceptLensError(f"--diversity must be at least 1 (images per objective); got {args.diversity}")
+    if args.concepts is not None:
+        from .concepts import TCAVResult
+
+        directions = TCAVResult.load(args.concepts).concept_directions(args.layer)
+        objectives = [direction(args.layer, v) for v in directions.values()]
+    else:
+        make = unit if args.objective == "unit" else channel
+        objectives = [make(args.layer, c) for c in args.channels]
+    if args.diversity > 1:
+        objectives = [o + diversity(args.layer, args.diversity_weight) for o in objectives for _ in range(args.diversity)]
+    return objectives
+
+
 def _cmd_visualize(args):
     import numpy as np
 
-    from .featurevis import channel, visualize
+    from .featurevis import visualize
     from .models import load_model
     from .plotting import grid, save_png
 
+    objectives = _visualize_objectives(args)
     model = load_model(args.model, device=args.device, num_classes=args.num_classes)
-    result = visualize(model, [channel(args.layer, c) for c in args.channels], size=args.size, steps=args.steps,
+    result = visualize(model, objectives, size=args.size, steps=args.steps,
                        lr=args.lr, param=args.param, transforms=None if args.no_transforms else "default",
                        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                        relu_redirect_steps=args.redirect_relu)
     out = result.save(args.out)
     save_png(grid(list(result.images)), out / "sheet.png")
     values = result.objective_values
-    print(f"visualised {len(values)} channels of {args.layer} ({args.steps} steps, {args.param}): objective median "
+    print(f"visualised {len(values)} images at {args.layer} ({args.steps} steps, {args.param}): objective median "
           f"{np.median(values):.3g} (min {values.min():.3g}, max {values.max():.3g}) -> {out} (image_NNNN.png, "
           f"objectives.csv, sheet.png)")
 
@@ -728,7 +752,16 @@ def build_parser():
     p = sub.add_parser("visualize", help="feature visualisation: an image that maximises each channel of a layer (Lucid-style)")
     _add_model_args(p, layers=False)
     p.add_argument("--layer", required=True, help="the layer (see `conceptlens layers MODEL`)")
-    p.add_argument("--channels", required=True, type=_index_list, help="channels: 0-63, 1,5,9 or 0-3,8")
+    p.add_argument("--channels", type=_index_list, help="channels: 0-63, 1,5,9 or 0-3,8 (or --concepts)")
+    p.add_argument("--objective", default="channel", choices=["channel", "unit"],
+                   help="channel: the channel's mean over its map (default); unit: the channel at the map's centre")
+    p.add_argument("--concepts", metavar="TCAV_DIR", default=None,
+                   help="instead of --channels: one image per concept of a saved TCAV result, maximising its mean "
+                        "CAV direction at --layer")
+    p.add_argument("--diversity", type=int, default=1, metavar="K",
+                   help="K images per objective made to differ by Lucid's diversity term (default 1)")
+    p.add_argument("--diversity-weight", type=float, default=1e2, help="weight of the diversity term (default 1e2, "
+                   "as lucent's examples)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
     p.add_argument("--steps", type=int, default=512, help="Adam steps (default 512, as lucent)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from attribution_helpers import world_images
+from attribution_helpers import assert_close_but_at_kinks, world_images
 
 from conceptlens.attribution import METHODS, attribute, list_methods, localization
 from conceptlens.attribution.methods import _rise_masks
@@ -156,7 +156,8 @@ def test_integrated_gradients_equals_captum_and_a_hand_riemann_sum(demo_model, w
         xa = (baseline + k / n * (x - baseline)).requires_grad_()
         (g,) = torch.autograd.grad(module(xa)[:, 2].sum(), xa)
         total += g / n
-    torch.testing.assert_close(ours, (x - baseline) * total, rtol=1e-4, atol=1e-6)
+    # the hand sum runs 3 images per forward where ours runs 36: equal but at ReLU/max-pool kinks
+    assert_close_but_at_kinks(ours, (x - baseline) * total)
     # Completeness axiom with the default Gauss-Legendre rule: sum of IG = f(x) - f(baseline).
     ig = attribute(demo_model, x, 2, "integrated-gradients", baseline="mean", n_steps=64)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from attribution_helpers import world_images
+from attribution_helpers import assert_close_but_at_kinks, world_images
 from test_attribution import _hook_counts
 
 from conceptlens.attribution import attribute, smooth_taylor
@@ -41,11 +41,14 @@ def _tv_reference(heatmap):
     return (np.abs(h[:, 1:] - h[:, :-1]).sum() + np.abs(h[1:] - h[:-1]).sum()) / h.size
 
 
-@pytest.mark.parametrize("kind", ["zero", "tensor"])
+# "mean", not "zero": a trained CNN may have no gradient at all at the all-zero image (every ReLU
+# shut), which would make the comparison vacuous on that model.
+@pytest.mark.parametrize("kind", ["mean", "tensor"])
 def test_one_noiseless_root_is_the_gradient_at_the_baseline_times_the_difference(kind, demo_model, demo_xy):
     x, y = demo_xy
-    b = torch.zeros_like(x) if kind == "zero" else torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    ours = attribute(demo_model, x, y, "smooth-taylor", baseline="zero" if kind == "zero" else b,
+    b = (x.mean(dim=(2, 3), keepdim=True).expand_as(x) if kind == "mean"
+         else torch.randn(x.shape, generator=torch.Generator().manual_seed(7)))
+    ours = attribute(demo_model, x, y, "smooth-taylor", baseline="mean" if kind == "mean" else b,
                      noise_scale=0, n_roots=1, raw=True)[1]
     root = b.clone().requires_grad_()
     (grad,) = torch.autograd.grad(demo_model.module(root).gather(1, y[:, None]).sum(), root)
@@ -69,7 +72,7 @@ def test_batched_roots_equal_a_loop_over_roots_and_images(batch_size, backward_b
             z = z.clone().requires_grad_()
             (grad,) = torch.autograd.grad(demo_model.module(z[None])[0, y[j]], z)
             ref[j] += (x[j] - z.detach()) * grad / n
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    assert_close_but_at_kinks(ours, ref)
 
 
 def test_completeness_gap_is_the_mean_taylor_remainder_and_does_not_vanish_with_more_roots(demo_model, demo_xy):

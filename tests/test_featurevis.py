@@ -182,7 +182,7 @@ def test_cli_visualize_writes_images_values_and_sheet(demo_weights, tmp_path, ca
 
     base = ["visualize", "--model", f"demo:{demo_weights}", "--layer", "conv4", "--size", "32", "--steps", "4", "-q"]
     assert main(base + ["--channels", "0-2,7", "--out", str(tmp_path / "v")]) == 0
-    assert "visualised 4 channels of conv4" in capsys.readouterr().out
+    assert "visualised 4 images at conv4" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "v" / "objectives.csv")
     assert len(table) == 4 and table["objective"].str.contains("7").iloc[-1]
     assert Image.open(tmp_path / "v" / "image_0003.png").size == (32, 32)
@@ -310,3 +310,42 @@ def test_redirecting_needs_relu_modules():
         visualize(model, [channel("conv", 0)], size=8, steps=2, progress=False, relu_redirect_steps=4)
     with pytest.raises(ConceptLensError, match="relu_redirect_steps must be a non-negative integer"):
         visualize(model, [channel("conv", 0)], size=8, steps=2, progress=False, relu_redirect_steps=-1)
+
+
+def test_cli_visualize_units_concept_directions_and_diversity(demo_weights, demo_model, world_dir, tmp_path, capsys):
+    from conceptlens.cli import main
+    from conceptlens.concepts import TCAV, TCAVResult
+
+    base = ["visualize", "--model", f"demo:{demo_weights}", "--layer", "conv4", "--size", "32", "--steps", "4", "-q"]
+    assert main(base + ["--channels", "3", "--objective", "unit", "--diversity", "2", "--out", str(tmp_path / "u")]) == 0
+    vis = Visualization.load(tmp_path / "u")
+    assert len(vis.images) == 2 and (vis.images[0] != vis.images[1]).any()
+    expected = unit("conv4", 3) + diversity("conv4", 1e2)
+    assert vis.table["objective"].tolist() == [expected.description] * 2
+    np.testing.assert_allclose(vis.objective_values, objective_values(demo_model, [expected] * 2, torch.from_numpy(
+        vis.images).permute(0, 3, 1, 2).float() / 255), atol=5e-2)
+
+    TCAV(demo_model, ["conv4"], runs=10, null_runs=20, n_bootstrap=100, progress=False).run(
+        world_dir / "concepts", world_dir / "random", ["circle"], world_dir / "manifest.csv", split="test",
+        max_inputs=10, concept_names=["tag", "red"]).save(tmp_path / "tcav")
+    # TCAV's default CAVs live in the flattened conv4 map of 64 px images
+    assert main(base + ["--size", "64", "--concepts", str(tmp_path / "tcav"), "--out", str(tmp_path / "c")]) == 0
+    directions = TCAVResult.load(tmp_path / "tcav").concept_directions("conv4")
+    assert Visualization.load(tmp_path / "c").table["objective"].tolist() == [
+        direction("conv4", v).description for v in directions.values()]
+    assert main(base + ["--out", str(tmp_path / "bad")]) == 2
+    assert "pass exactly one of --channels" in capsys.readouterr().err
+    assert main(base + ["--channels", "1", "--diversity", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--diversity must be at least 1" in capsys.readouterr().err
+
+
+def test_direction_in_the_flattened_map_is_its_dot_product():
+    model = _colour_model()
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(3 * 4 * 4, generator=torch.Generator().manual_seed(1))
+    got = objective_values(model, [direction("conv", v)] * 2, images)
+    with torch.no_grad():
+        expected = model.conv(images).reshape(2, -1) @ v
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConceptLensError, match=r"needs a vector of 3 values \(one per channel\) or 48"):
+        objective_values(model, [direction("conv", v[:5])], images[:1])

@@ -74,12 +74,13 @@ def test_attribute_drawn_at_random_is_not_decodable(world_stores):
     coins = [f"coin{i}" for i in range(N_COINS)]
     res = probe(real, coins, baseline=rand, n_permutations=0, n_bootstrap=1000, progress=False)
     # Each row is a one-sided 2.5 % test of a true null: of 15, at most 2 may come out decodable
-    # (P(>= 3) < 0.01 under the null), and no audit fails after Holm's correction over layers.
+    # (P(>= 3) < 0.01 under the null); each coin's audit is a 5 % test after Holm's correction over
+    # layers, so of the coins' audits at most one may fail (P(>= 2 of 5) < 0.03 under the null).
     assert res.table["decodable"].sum() <= 2, res.table[["layer", "target", "selectivity_ci_low"]]
     assert not res.get("relu4", "coin0")["decodable"]
     audit = res.audit(coins)
-    assert set(audit["verdict"]) <= {"pass", "inconclusive"} and (audit["verdict"] != "fail").all()
-    assert audit["evidence"].str.contains("margin ±0.05").all()
+    assert (audit["verdict"] == "fail").sum() <= 1, audit
+    assert audit.loc[audit["verdict"] != "fail", "evidence"].str.contains("margin ±0.05").all()
 
 
 def test_random_init_copy_is_seeded_and_leaves_the_model_alone(demo_model):

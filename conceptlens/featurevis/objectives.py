@@ -113,11 +113,15 @@ class _Direction(_Term):
 
     def check(self, shape):
         n = _channels_of(self.layer, shape, "direction")
-        if self.vector.ndim != 1 or self.vector.numel() != n:
-            raise ConceptLensError(f"direction for layer {self.layer!r} needs a vector of {n} values (one per "
-                                   f"channel); got shape {list(self.vector.shape)}")
+        whole = int(np.prod(shape))
+        if self.vector.ndim != 1 or self.vector.numel() not in (n, whole):
+            raise ConceptLensError(f"direction for layer {self.layer!r} needs a vector of {n} values (one per channel) "
+                                   f"or {whole} (the whole {list(shape)} map at this input size); got shape "
+                                   f"{list(self.vector.shape)}")
 
     def __call__(self, act):
+        if self.vector.numel() == act.numel() and act.dim() > 1:  # a direction in the flattened map (TCAV's pool none)
+            return self.vector.to(act) @ act.reshape(-1)
         flat = act.reshape(act.shape[0], -1)  # [C, positions]; a [C] output is one position
         return (self.vector.to(flat) @ flat).mean()
 
@@ -315,7 +319,8 @@ def unit(layer, c, y=None, x=None):
 
 
 def direction(layer, vector):
-    """The mean over positions of ``vector . a[:, y, x]``, the channel vector at each position.
+    """The mean over positions of ``vector . a[:, y, x]``, the channel vector at each position; or,
+    for a vector with one value per element of the map (a CAV of flattened maps), ``vector . a``.
 
     ``vector`` has one value per channel of ``layer`` (e.g. a CAV); it is used as given, not
     normalised, so the value scales with its norm.
