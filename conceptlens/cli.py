@@ -441,6 +441,9 @@ def _visualize_objectives(args):
     if args.diversity < 1:
         raise ConceptLensError(f"--diversity must be at least 1 (images per objective); got {args.diversity}")
     if args.concepts is not None:
+        if args.objective != "channel":
+            raise ConceptLensError(f"--objective {args.objective} applies to --channels; --concepts maximises each "
+                                   "concept's direction over the whole map")
         from .concepts import TCAVResult
 
         directions = TCAVResult.load(args.concepts).concept_directions(args.layer)

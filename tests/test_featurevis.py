@@ -335,6 +335,8 @@ def test_cli_visualize_units_concept_directions_and_diversity(demo_weights, demo
         direction("conv4", v).description for v in directions.values()]
     assert main(base + ["--out", str(tmp_path / "bad")]) == 2
     assert "pass exactly one of --channels" in capsys.readouterr().err
+    assert main(base + ["--concepts", str(tmp_path / "tcav"), "--objective", "unit", "--out", str(tmp_path / "bad")]) == 2
+    assert "--objective unit applies to --channels" in capsys.readouterr().err
     assert main(base + ["--channels", "1", "--diversity", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--diversity must be at least 1" in capsys.readouterr().err
 

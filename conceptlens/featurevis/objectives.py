@@ -322,8 +322,8 @@ def direction(layer, vector):
     """The mean over positions of ``vector . a[:, y, x]``, the channel vector at each position; or,
     for a vector with one value per element of the map (a CAV of flattened maps), ``vector . a``.
 
-    ``vector`` has one value per channel of ``layer`` (e.g. a CAV); it is used as given, not
-    normalised, so the value scales with its norm.
+    ``vector`` (e.g. a CAV) has one value per channel of ``layer``, or one per element of its map;
+    it is used as given, not normalised, so the value scales with its norm.
     """
     return Objective([(1.0, _Direction(_check_layer_name(layer), vector))])
 
