@@ -430,6 +430,18 @@ def _index_list(text):
     return sorted(out)
 
 
+def _tv_weight(text):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a non-negative number; got {text!r}")
+    return value
+
+
 def _visualize_objectives(args):
     """The objectives ``visualize`` asks for: one per channel (mean or centre unit) or per concept
     direction, each repeated ``--diversity`` times with the diversity term."""
@@ -490,7 +502,8 @@ def _cmd_invert(args):
     # The model's resize and crop without its normalisation: invert takes [0, 1] pixels and normalises itself.
     prep = dataclasses.replace(model.preprocessing_for(manifest), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     x = load_images(manifest, prep)
-    result = invert(model, x, args.layers, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    result = invert(model, x, args.layers, steps=args.steps, seed=args.seed, progress=not args.quiet,
+                    tv_weight=args.tv_weight)
     out = result.save(args.out)
     originals = list((x.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8"))
     per_image = len(args.layers)
@@ -781,8 +794,12 @@ def build_parser():
     _add_model_args(p)
     p.add_argument("--image", required=True, action="append", help="an image file (repeat for several)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps (default 200)")
+    p.add_argument("--tv-weight", type=_tv_weight, default="auto", metavar="auto|W",
+                   help="total-variation weight: auto (default) grows it 100-fold from the model's first module to "
+                        "its last, as Mahendran & Vedaldi's code does per layer; a number is used for every layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv with PSNR, sheet.png)")
+    p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv with PSNR and "
+                   "tv_weight, sheet.png)")
     p.set_defaults(func=_cmd_invert)
     p = sub.add_parser("tcav", help="concept sensitivity (TCAV) with calibrated significance and bias audits")
     _add_model_args(p)

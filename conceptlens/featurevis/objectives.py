@@ -48,6 +48,20 @@ class _Term:
         """The term for one image's activation ``act`` (``[C, *spatial]``): a 0-d tensor."""
         raise NotImplementedError
 
+    def batch_key(self):
+        """Terms of one class with equal keys can be scored together by :meth:`batched`."""
+        return ()
+
+    @classmethod
+    def batched(cls, terms):
+        """A function ``f(act, rows) -> [len(terms)]``: term ``k`` on image ``rows[k]`` of ``act`` ``[N, ...]``.
+
+        ``terms`` share a class, layer and :meth:`batch_key`. One call scores many images at once
+        (one indexing op, one reduction) rather than one small autograd graph per image; this
+        default is the per-image reference the subclasses' vectorised versions must agree with.
+        """
+        return lambda act, rows: torch.stack([t(a) for t, a in zip(terms, act[rows])])
+
 
 def _channels_of(layer, shape, what="channel"):
     if len(shape) < 1:
@@ -78,6 +92,16 @@ class _Channel(_Term):
     def __call__(self, act):
         return act[self.c].mean()
 
+    @classmethod
+    def batched(cls, terms):
+        cs = torch.tensor([t.c for t in terms])
+
+        def f(act, rows):
+            picked = act[rows, cs.to(act.device)]  # [n, *spatial]
+            return picked.reshape(len(terms), -1).mean(1)
+
+        return f
+
 
 class _Unit(_Term):
     def __init__(self, layer, c, y, x):
@@ -103,6 +127,17 @@ class _Unit(_Term):
         y, x = self._position(act.shape[1:])
         return act[self.c, y, x]
 
+    @classmethod
+    def batched(cls, terms):
+        cs = torch.tensor([t.c for t in terms])
+
+        def f(act, rows):
+            ys, xs = (torch.tensor(v) for v in zip(*(t._position(act.shape[2:]) for t in terms)))
+            d = act.device
+            return act[rows, cs.to(d), ys.to(d), xs.to(d)]
+
+        return f
+
 
 class _Direction(_Term):
     def __init__(self, layer, vector):
@@ -125,6 +160,23 @@ class _Direction(_Term):
         flat = act.reshape(act.shape[0], -1)  # [C, positions]; a [C] output is one position
         return (self.vector.to(flat) @ flat).mean()
 
+    def batch_key(self):
+        return (self.vector.numel(),)
+
+    @classmethod
+    def batched(cls, terms):
+        vectors = torch.stack([t.vector for t in terms])  # [n, C] or [n, C*H*W]
+
+        def f(act, rows):
+            a = act[rows]
+            v = vectors.to(a)
+            if v.shape[1] == a[0].numel() and a.dim() > 2:  # flattened-map directions
+                return (a.reshape(len(terms), 1, -1) @ v[:, :, None]).reshape(-1)
+            flat = a.reshape(a.shape[0], a.shape[1], -1)  # [n, C, positions]
+            return (v[:, None, :] @ flat).reshape(len(terms), -1).mean(1)
+
+        return f
+
 
 class _ClassLogit(_Term):
     layer = LOGITS
@@ -142,6 +194,11 @@ class _ClassLogit(_Term):
     def __call__(self, act):
         return act[self.c]
 
+    @classmethod
+    def batched(cls, terms):
+        cs = torch.tensor([t.c for t in terms])
+        return lambda act, rows: act[rows, cs.to(act.device)]
+
 
 class _InputL2(_Term):
     layer = INPUT
@@ -149,6 +206,14 @@ class _InputL2(_Term):
 
     def __call__(self, act):
         return (act * act).sum()
+
+    @classmethod
+    def batched(cls, terms):
+        def f(act, rows):
+            a = act[rows]
+            return (a * a).reshape(len(terms), -1).sum(1)
+
+        return f
 
 
 class _InputAlpha(_Term):
@@ -161,6 +226,14 @@ class _InputAlpha(_Term):
     def __call__(self, act):
         return act.abs().pow(self.alpha).sum()
 
+    def batch_key(self):
+        return (self.alpha,)
+
+    @classmethod
+    def batched(cls, terms):
+        alpha = terms[0].alpha
+        return lambda act, rows: act[rows].abs().pow(alpha).reshape(len(terms), -1).sum(1)
+
 
 class _InputTV(_Term):
     """``sum over pixels of (dx^2 + dy^2)^(beta/2)``, forward differences, zero at the last row/column."""
@@ -172,9 +245,19 @@ class _InputTV(_Term):
         self.description = f"tv{beta:g}(input)"
 
     def __call__(self, act):
+        return self._tv(act).sum()
+
+    def _tv(self, act):
         dx = F.pad(act[..., :, 1:] - act[..., :, :-1], (0, 1))
         dy = F.pad(act[..., 1:, :] - act[..., :-1, :], (0, 0, 0, 1))
-        return (dx * dx + dy * dy).pow(self.beta / 2).sum()
+        return (dx * dx + dy * dy).pow(self.beta / 2)
+
+    def batch_key(self):
+        return (self.beta,)
+
+    @classmethod
+    def batched(cls, terms):
+        return lambda act, rows: terms[0]._tv(act[rows]).reshape(len(terms), -1).sum(1)
 
 
 class _Match(_Term):
@@ -194,6 +277,17 @@ class _Match(_Term):
     def __call__(self, act):
         d = act - self.target.to(act.device)
         return (d * d).sum() / self.scale
+
+    @classmethod
+    def batched(cls, terms):
+        targets = torch.stack([t.target for t in terms])
+        scales = torch.tensor([t.scale for t in terms], dtype=torch.float64)
+
+        def f(act, rows):
+            d = act[rows] - targets.to(act.device)
+            return (d * d).reshape(len(terms), -1).sum(1) / scales.to(act.device, act.dtype)
+
+        return f
 
 
 class _Diversity(_Term):
@@ -219,6 +313,54 @@ class _Diversity(_Term):
         grams = F.normalize((flat @ flat.transpose(1, 2)).reshape(k, -1), dim=1)
         sim = grams @ grams.T
         return -(sim.sum(1) - sim.diagonal()) / k
+
+
+def batched_scorer(objectives, groups, device="cpu"):
+    """A function ``f(acts) -> [n]`` scoring a batch that holds ``groups`` in order, as
+    :meth:`Objective.evaluate` of each group would, without a Python loop over images.
+
+    ``groups`` are index lists into ``objectives`` (images ``0..n-1`` of the batch, in order).
+    Non-grouped terms are bucketed by (position in their objective, class, layer, batch key) and
+    each bucket is scored by one call of its class's :meth:`_Term.batched`; diversity terms keep
+    their per-group evaluation. Each image's total adds its terms in its objective's order, as
+    ``evaluate`` does.
+    """
+    buckets, grouped = {}, []
+    row = 0
+    for group in groups:
+        obj = objectives[group[0]]
+        rows = list(range(row, row + len(group)))
+        for j, (w, term) in enumerate(obj.terms):
+            if term.grouped:
+                grouped.append((j, w, term, rows))
+                continue
+            key = (j, type(term), term.layer, term.batch_key())
+            bucket = buckets.setdefault(key, ([], [], []))
+            for r in rows:
+                bucket[0].append(r)
+                bucket[1].append(w)
+                bucket[2].append(term)
+        row += len(group)
+    n = row
+    plan = []
+    for key, (rows, weights, terms) in buckets.items():
+        plan.append((key[0], "batched", key[2], torch.tensor(rows, device=device),
+                     torch.tensor(weights, device=device), type(terms[0]).batched(terms)))
+    for j, w, term, rows in grouped:
+        plan.append((j, "grouped", term.layer, torch.tensor(rows, device=device), w, term))
+    plan.sort(key=lambda p: p[0])  # stable: images add their terms in objective order
+
+    def score(acts):
+        total = None
+        for _, how, layer, rows, w, fn in plan:
+            act = acts[layer]
+            if total is None:
+                total = act.new_zeros(n)
+            value = w.to(act) * fn(act, rows) if how == "batched" else w * fn.group_values(act[rows])
+            total = total.index_add(0, rows, value)
+        return total if total is not None else torch.zeros(n, device=device)
+
+    return score
 
 
 def _check_layer_name(layer):
@@ -271,7 +413,8 @@ class Objective:
         """The objective for the images ``rows`` of captured activations ``acts`` (``{layer: [N, ...]}``).
 
         ``rows`` are the indices of this objective's images (its group); returns a ``[len(rows)]``
-        tensor. Non-grouped terms score each image on its own activations.
+        tensor. Non-grouped terms score each image on its own activations. This is the per-image
+        reference; :func:`batched_scorer` scores a whole batch of objectives at once.
         """
         total = 0.0
         for w, term in self.terms:

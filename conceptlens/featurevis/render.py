@@ -29,7 +29,7 @@ from ..core.result import Result, provenance
 from ..errors import ConceptLensError, did_you_mean
 from ..models import validate_layers
 from ._seed import generator
-from .objectives import INPUT, LOGITS, Objective, class_logit, input_alpha, input_l2, input_tv, match
+from .objectives import INPUT, LOGITS, Objective, batched_scorer, class_logit, input_alpha, input_l2, input_tv, match
 from .param import PARAMS
 from .relu import redirected_relus
 from .transforms import RobustnessTransforms, default_transforms
@@ -161,7 +161,7 @@ class _Scorer:
         if self.layers:
             validate_layers(module, self.layers)
         device = next(module.parameters(), torch.zeros(())).device
-        self.device, self.norm = device, None
+        self.device, self.norm, self._plans = device, None, {}
         if preprocessing is not None:
             if channels != 3:
                 raise ConceptLensError(f"the model's preprocessing normalises 3 (RGB) channels; got channels={channels}")
@@ -192,14 +192,16 @@ class _Scorer:
         return {**acts, LOGITS: out, INPUT: x}
 
     def __call__(self, images, groups):
-        """Objective values ``[n]`` of ``images`` holding ``groups`` (index lists into ``self.objectives``), in order."""
+        """Objective values ``[n]`` of ``images`` holding ``groups`` (index lists into ``self.objectives``), in order.
+
+        The scoring plan (terms bucketed by kind and layer across the batch) is built once per
+        ``groups`` and reused at every step.
+        """
         acts = self._forward(images)
-        values, start = [], 0
-        for group in groups:
-            rows = torch.arange(start, start + len(group), device=images.device)
-            values.append(self.objectives[group[0]].evaluate(acts, rows))
-            start += len(group)
-        return torch.cat(values)
+        key = tuple(map(tuple, groups))
+        if key not in self._plans:
+            self._plans[key] = batched_scorer(self.objectives, groups, device=images.device)
+        return self._plans[key](acts)
 
 
 def _resolve_size(size, preprocessing, model):
@@ -396,8 +398,40 @@ def class_models(model, classes=None, weight=1e-3, size=None, steps=256, lr=0.05
                      batch_size=batch_size, progress=progress)
 
 
-def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha_weight=1e-5, tv_weight=1e-5, seed=0,
-           batch_size=32, progress=True):
+TV_GROWTH = 100.0
+"""How much ``tv_weight="auto"`` grows from a model's first module to its last (see :func:`invert`)."""
+
+
+def _depth_fractions(module, layers, probe):
+    """Each layer's position in the order the modules run on ``probe``, as a fraction of the network:
+    0 for the first module to run, 1 for the last (leaf modules and the layers themselves are counted)."""
+    order, handles = [], []
+    watched = {name for name, m in module.named_modules() if name and not any(True for _ in m.children())}
+    watched.update(layers)
+    try:
+        for name in watched:
+            handles.append(module.get_submodule(name).register_forward_hook(
+                lambda m, i, o, name=name: order.append(name) if name not in order else None))
+        with torch.no_grad():
+            module(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    last = max(len(order) - 1, 1)
+    return {layer: order.index(layer) / last if layer in order else 1.0 for layer in layers}
+
+
+def _check_weight(name, value, auto=False):
+    if auto and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        allowed = "'auto' or a non-negative number" if auto else "a non-negative number"
+        raise ConceptLensError(f"{name} must be {allowed}; got {value!r}")
+    return float(value)
+
+
+def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha_weight=1e-5, tv_weight="auto",
+           seed=0, batch_size=32, progress=True, tv_base=1e-5):
     """Invert layer representations (Mahendran & Vedaldi 2015): per image and layer, the image ``x``
     maximising ``-||phi(x) - phi(x0)||^2 / ||phi(x0)||^2 - alpha_weight ||x||_alpha^alpha
     - tv_weight TV^beta(x)`` (on the normalised input), by Adam on pixels without transforms.
@@ -409,9 +443,21 @@ def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha
         The originals, pixel values in ``[0, 1]`` (the model's normalisation is applied here).
     layers : sequence of str
         Each image is reconstructed from each layer.
-    alpha, beta, alpha_weight, tv_weight : float
-        The priors: alpha 6 and beta 2 from the paper; the weights 1e-5 of the PyTorch port of its
-        method on ImageNet-normalised inputs (the paper scales by its image range instead).
+    alpha, beta, alpha_weight : float
+        The alpha-norm prior: alpha 6 and beta 2 from the paper; the weight 1e-5 of the PyTorch
+        port of its method on ImageNet-normalised inputs (the paper scales by its image range instead).
+    tv_weight : "auto" or float
+        The total-variation weight. A number is used for every layer. ``"auto"`` grows it with the
+        layer's depth, as the authors do: their code (``deep-goggle``, ``experiments/experiment_cnn.m``)
+        inverts the 20 layers of CaffeNet with ``lambdaTV`` 1 for layers 1-6, 10 for 7-12 and 100 for
+        13-20; a VGG-16 reproduction uses 0.5 / 5 / 50 for conv1-2 / conv3-4 / conv5 and fc. Both are one decade per
+        third of the network. ``"auto"`` is the continuous version of that rule,
+        ``tv_base * TV_GROWTH ** d`` with ``TV_GROWTH = 100`` and ``d`` the layer's position in the order
+        the model's modules run (0 for the first module, 1 for the last; measured with one forward of
+        the first image), so it needs no knowledge of the architecture.
+    tv_base : float
+        ``tv_weight="auto"``'s weight at depth 0 (default 1e-5, the PyTorch port's fixed weight);
+        ignored for a numeric ``tv_weight``.
     steps, lr, seed, batch_size, progress :
         As in :func:`visualize` (``param="pixel"``, ``transforms=None``).
 
@@ -419,7 +465,8 @@ def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha
     -------
     Visualization
         One reconstruction per (image, layer), image-major; its table adds ``source`` (the
-        image's position), ``layer`` and ``psnr`` (dB, against the original).
+        image's position), ``layer``, ``tv_weight`` (the weight used for that layer) and ``psnr``
+        (dB, against the original).
     """
     module, prep = _unwrap(model)
     images = torch.as_tensor(images, dtype=torch.float32)
@@ -428,11 +475,23 @@ def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha
     layers = list(layers)
     if not layers:
         raise ConceptLensError("invert needs at least one layer")
+    tv_weight = _check_weight("tv_weight", tv_weight, auto=True)
+    tv_base = _check_weight("tv_base", tv_base)
     validate_layers(module, layers)
     with frozen(module), torch.no_grad():
         scorer = _Scorer(module, prep, [], [], images.shape[1], tuple(images.shape[2:]), layers=layers)
         targets = scorer._forward(images.to(scorer.device))
-    objectives = [match(layer, targets[layer][i]) + input_alpha(alpha_weight, alpha) + input_tv(tv_weight, beta)
+        if tv_weight == "auto":
+            first = images[:1].to(scorer.device)
+            depth = _depth_fractions(module, layers, first if scorer.norm is None else
+                                     (first - scorer.norm[0]) / scorer.norm[1])
+            weights = {layer: tv_base * TV_GROWTH ** depth[layer] for layer in layers}
+            logger.info("tv_weight auto -> %s (tv_base * %g ** depth)",
+                        ", ".join(f"{layer}: {w:.3g} (depth {depth[layer]:.2f})" for layer, w in weights.items()),
+                        TV_GROWTH)
+        else:
+            weights = dict.fromkeys(layers, tv_weight)
+    objectives = [match(layer, targets[layer][i]) + input_alpha(alpha_weight, alpha) + input_tv(weights[layer], beta)
                   for i in range(len(images)) for layer in layers]
     vis = visualize(model, objectives, size=tuple(images.shape[2:]), steps=steps, lr=lr, param="pixel", transforms=None,
                     seed=seed, batch_size=batch_size, progress=progress, channels=images.shape[1])
@@ -440,5 +499,6 @@ def invert(model, images, layers, steps=200, lr=0.05, alpha=6.0, beta=2.0, alpha
     original = images.repeat_interleave(len(layers), dim=0)
     mse = ((recon - original) ** 2).mean((1, 2, 3)).clamp_min(1e-12)
     table = vis.table.assign(source=np.repeat(np.arange(len(images)), len(layers)), layer=layers * len(images),
+                             tv_weight=[weights[layer] for layer in layers] * len(images),
                              psnr=(10 * torch.log10(1 / mse)).numpy())
     return dataclasses.replace(vis, table=table)

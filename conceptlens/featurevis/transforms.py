@@ -74,30 +74,45 @@ class RobustnessTransforms:
         draws = [self._draw(g) for g in generators]
         x = F.pad(images, (self.pad,) * 4, value=0.5)
         h1, w1 = h + 2 * self.pad - self.jitter, w + 2 * self.pad - self.jitter
-        x = torch.stack([x[i, :, dy:dy + h1, dx:dx + w1] for i, (dy, dx, *_) in enumerate(draws)])
+        x = self._crops(x, [d[:2] for d in draws], h1, w1)
         h2, w2 = h + self.jitter2, w + self.jitter2
-        theta = torch.stack([self._theta(s, a, (h1, w1), (h2, w2)) for _, _, s, a, _, _ in draws])
+        theta = self._theta([d[2] for d in draws], [d[3] for d in draws], (h1, w1), (h2, w2))
         grid = F.affine_grid(theta.to(x), [n, c, h2, w2], align_corners=False)
         # Sampling x - 0.5 with zero padding fills whatever rotation brings in from outside with 0.5,
         # the pad colour, so the canvas edge never shows.
         x = F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
-        return torch.stack([x[i, :, dy:dy + h, dx:dx + w] for i, (*_, dy, dx) in enumerate(draws)])
+        return self._crops(x, [d[4:] for d in draws], h, w)
 
     @staticmethod
-    def _theta(scale, angle, size_in, size_out):
-        """``affine_grid``'s matrix: output pixels to input pixels about the centre, zoom ``scale``, turn ``angle``.
+    def _crops(x, offsets, h, w):
+        """``x[i, ..., dy:dy + h, dx:dx + w]`` for each image's ``(dy, dx)``, stacked: exact copies by one
+        ``gather`` over the flattened map (its backward is one ``scatter_add``, not one slice per image)."""
+        n, width = x.shape[0], x.shape[-1]
+        offsets = torch.tensor(offsets, device=x.device)  # [n, 2]
+        rows = offsets[:, 0, None] + torch.arange(h, device=x.device)  # [n, h]
+        cols = offsets[:, 1, None] + torch.arange(w, device=x.device)  # [n, w]
+        flat = x.reshape(*x.shape[:-2], -1)  # [n, ..., H * W]
+        index = (rows[:, :, None] * width + cols[:, None, :]).reshape(n, *(1,) * (flat.dim() - 2), h * w)
+        return flat.gather(-1, index.expand(*flat.shape[:-1], h * w)).reshape(*x.shape[:-2], h, w)
+
+    @staticmethod
+    def _theta(scales, angles, size_in, size_out):
+        """``affine_grid``'s matrices ``[n, 2, 3]``: output pixels to input pixels about the centre, zoom
+        ``scales[i]``, turn ``angles[i]`` (one matrix per image, computed together in float64).
 
         Works in pixel units (so rotation is a true rotation on non-square images) and shifts by
         half a pixel where input and output sizes differ by an odd amount, so that at scale 1 and
         angle 0 the output is an exact crop.
         """
         (hi, wi), (ho, wo) = size_in, size_out
-        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        scales, angles = (torch.tensor(v, dtype=torch.float64) for v in (scales, angles))
+        cos, sin = torch.cos(angles) / scales, torch.sin(angles) / scales
         to_norm_in = torch.tensor([[2.0 / wi, 0.0], [0.0, 2.0 / hi]], dtype=torch.float64)
         from_norm_out = torch.tensor([[wo / 2.0, 0.0], [0.0, ho / 2.0]], dtype=torch.float64)
-        rot = torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64)
+        rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # [n, 2, 2]
         shift = torch.tensor([-((wi - wo) % 2) / wi, -((hi - ho) % 2) / hi], dtype=torch.float64)
-        return torch.cat([to_norm_in @ rot @ from_norm_out, shift[:, None]], dim=1).float()
+        linear = to_norm_in @ rot @ from_norm_out
+        return torch.cat([linear, shift[:, None].expand(len(linear), 2, 1)], dim=2).float()
 
 
 def default_transforms(height, width):

@@ -13,6 +13,9 @@ known effects. Two presets:
     colours co-occur with the classes in training, marker-pen strokes on one class, a hidden
     necrosis sub-class, patients (one site each) with planted leaks across splits, label noise
     and near-duplicates.
+
+:func:`~conceptlens.world.digits.generate_decoy_digits` writes *decoy digits* (real scans from
+scikit-learn with a class-coloured corner patch in training, Ross et al. 2017) with patch masks.
 """
 
 from .._lazy import lazy_exports
