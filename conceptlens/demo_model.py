@@ -184,7 +184,6 @@ def _train(world, out, epochs, batch_size, lr, seed, device, progress, manifest,
     x_aux = None if aux is None else aux(train_m).to(device)
     epoch_seconds = _fit(model, x_train, y_train, epochs, batch_size, lr, seed, progress, penalty=penalty, aux=x_aux,
                          desc=desc)
-    model.eval()
     with torch.inference_mode():
         pred_test = torch.cat([model(x).argmax(1) for x in x_test.split(256)])
         pred_train = torch.cat([model(x).argmax(1) for x in x_train.split(256)])

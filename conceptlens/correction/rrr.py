@@ -77,15 +77,10 @@ def _check_masks(manifest, column, rows):
 
 
 def _load_masks(manifest, column):
-    """``[N, 1, H, W]`` float masks (PNG, > 0 means masked) named in ``column`` of ``manifest``."""
-    _check_masks(manifest, column, range(len(manifest)))
-    frame = manifest.frame
-    if column not in frame.columns:
-        raise ConceptLensError(f"manifest {manifest.path} has no {column!r} column for the RRR masks "
-                               f"(columns: {', '.join(frame.columns)}); pass masks_column= naming a column of mask PNG paths")
-    cells = frame[column].astype(str)
+    """``[N, 1, H, W]`` float masks (PNG, > 0 means masked) named in ``column`` of ``manifest``
+    (its cells already checked by :func:`_check_masks`, which names the rows of the whole manifest)."""
     masks = []
-    for rel in cells:
+    for rel in manifest.frame[column].astype(str):
         with Image.open(manifest.root / rel) as im:
             masks.append((np.asarray(im.convert("L")) > 0).astype(np.float32))
     shapes = {m.shape for m in masks}
