@@ -515,6 +515,28 @@ def _cmd_invert(args):
         print(f"  {args.image[r.source]}  {r.layer:<12} PSNR {r.psnr:5.1f} dB")
 
 
+def _cmd_atlas(args):
+    import numpy as np
+
+    from .data import Manifest
+    from .featurevis import activation_atlas
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    result = activation_atlas(model, manifest, args.layer, grid=args.grid, min_count=args.min_count,
+                              samples_per_image=args.samples_per_image, classes=args.classes, seed=args.seed,
+                              size=args.size, steps=args.steps, extract_batch_size=args.batch_size,
+                              num_workers=args.workers, skip_bad=args.skip_bad,
+                              preprocessing=_preprocessing(args, model, manifest), progress=not args.quiet)
+    out = result.save(args.out)
+    cells, samples = result.cells, result.samples
+    values = cells["value"].to_numpy()
+    print(f"atlas of {args.layer}: {len(cells)} of {args.grid * args.grid} cells drawn (>= {args.min_count} samples; "
+          f"{int(cells['count'].sum())} of {len(samples)} samples from {samples['manifest_row'].nunique()} images), "
+          f"objective median {np.median(values):.3g} -> {out} (atlas.png, cells.csv, samples.csv)")
+
+
 def _cmd_tcav(args):
     from .concepts import TCAV
     from .concepts.stats import format_p
@@ -573,6 +595,49 @@ def _cmd_dissect(args):
     print(f"dissection of {', '.join(result.layers)} on {result.provenance['n_images']} Broden images "
           f"(rule {args.rule}) -> {Path(args.out) / 'units.csv'}")
     print(result.summary[result.summary["category"] == "all"].to_string(index=False))
+
+
+def _cmd_correct(args):
+    from .correction import Artifact, correct, evaluate_correction, read_cav
+    from .data import Manifest
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, num_classes=args.num_classes)
+    manifest = Manifest.read(args.data)
+    prep = _preprocessing(args, model, manifest)
+    artifact = Artifact.read(args.artifact) if args.artifact else None  # read before training: a bad file fails fast
+    cav = read_cav(args.cav) if args.cav else None
+    fixed = correct(model, manifest.path, args.method, args.out, concepts=args.concepts, random_pool=args.random_pool,
+                    concept=args.concept, layer=args.layer, target_class=args.target_class, weight=args.weight,
+                    masks_column=args.masks_column, epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
+                    seed=args.seed, cav=cav, train_all=args.train_all, preprocessing=prep, progress=not args.quiet)
+    layer = fixed.settings.get("cav", {}).get("layer", args.layer)  # the audit runs where the CAV was fitted
+    epochs = fixed.settings["epoch_seconds"]
+    print(f"{args.method}: corrected model -> {fixed.spec}"
+          + (f" ({len(epochs)} epochs, {sum(epochs):.1f} s)" if epochs else " (no training)")
+          + f"; settings in {Path(args.out) / 'correction.json'}")
+    if args.target_class is None:
+        print("no --class given: before/after evaluation skipped (it measures the biased class's shortcut)")
+        return
+    audit = dict(concepts=args.concepts, random_pool=args.random_pool, concept=args.concept, layer=layer)
+    if None in audit.values():
+        audit = {}
+    after = load_model(fixed.spec, device=args.device)
+    evaluation = evaluate_correction({"before": model, "after": after}, manifest.path, args.target_class, artifact=artifact,
+                                     tcav_runs=args.tcav_runs, seed=args.seed, preprocessing=prep,
+                                     progress=not args.quiet, **audit)
+    out = evaluation.save(Path(args.out) / "evaluation")
+    for r in evaluation.to_frame().to_dict("records"):
+        line = (f"  {r['model']:<7} clean accuracy {r['clean_accuracy']:.3f} "
+                f"[{r['clean_ci_low']:.3f}, {r['clean_ci_high']:.3f}]")
+        if r["n_attacked"]:
+            line += (f"  attacked {r['attacked_accuracy']:.3f} [{r['attacked_ci_low']:.3f}, {r['attacked_ci_high']:.3f}]"
+                     f"  artifact relevance share {r['relevance_share']:.3f}")
+        if "audit" in r:
+            line += f"  TCAV {args.concept}:{args.target_class} {r['tcav_score']:.3f} (null {r['tcav_null']:.3f}) {r['audit']}"
+        print(line)
+    print(f"evaluation in {out / 'evaluation.csv'}" + ("" if artifact else " (no --artifact: attacked accuracy and "
+                                                        "relevance share not measured)"))
 
 
 def build_parser():
@@ -801,6 +866,26 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder (image_NNNN.png, objectives.csv with PSNR and "
                    "tv_weight, sheet.png)")
     p.set_defaults(func=_cmd_invert)
+    p = sub.add_parser("atlas", help="activation atlas (Carter et al.): a layer's activations over a dataset laid "
+                       "out by UMAP, one feature visualisation per grid cell")
+    _add_model_args(p, layers=False)
+    _add_data_args(p)
+    p.add_argument("--layer", required=True, help="a layer with a spatial map, e.g. a conv layer (see `conceptlens "
+                   "layers MODEL`)")
+    p.add_argument("--grid", type=int, default=8, help="cells along each side of the atlas (default 8)")
+    p.add_argument("--min-count", type=int, default=3, metavar="N",
+                   help="draw a cell only when it holds at least N samples (default 3)")
+    p.add_argument("--samples-per-image", type=int, default=1, metavar="K",
+                   help="random spatial positions sampled per image (default 1, as Carter et al.)")
+    p.add_argument("--classes", type=_csv_list, default=None,
+                   help="comma-separated labels: only images with these labels (default: every image)")
+    p.add_argument("--size", type=int, default=None, help="icon side in pixels (default: the size the model sees "
+                   "the images at)")
+    p.add_argument("--steps", type=int, default=256, help="Adam steps per icon (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled positions, UMAP and the icons (default 0)")
+    p.add_argument("--out", required=True, help="output folder (atlas.png, cells.csv with each icon's objective "
+                   "value, samples.csv, atlas.json)")
+    p.set_defaults(func=_cmd_atlas)
     p = sub.add_parser("tcav", help="concept sensitivity (TCAV) with calibrated significance and bias audits")
     _add_model_args(p)
     _add_data_args(p)
@@ -852,6 +937,34 @@ def build_parser():
                    help="auto: exact when it fits --memory-budget, else a grid sketch with a bounded error")
     p.add_argument("--memory-budget", type=float, default=512, help="MiB for exact quantiles (default 512)")
     p.set_defaults(func=_cmd_dissect)
+    p = sub.add_parser("correct", help="fix a shortcut: P-/A-/RR-ClArC or RRR, with before/after accuracy, attacked "
+                       "accuracy, relevance share and TCAV audit")
+    _add_model_args(p, layers=False)
+    _add_data_args(p)
+    p.add_argument("--method", required=True, choices=("p-clarc", "a-clarc", "rr-clarc", "rrr"),
+                   help="p-clarc: project the artifact CAV out at --layer (no training); a-clarc / rr-clarc: fine-tune "
+                   "the layers after --layer (artifact added / logit gradient along the CAV penalised); rrr: fine-tune "
+                   "with input gradients penalised inside --masks-column")
+    p.add_argument("--concept", default=None, help="the artifact's concept folder in --concepts (ClArC methods)")
+    p.add_argument("--concepts", default=None, help="folder of concept subfolders (or image,concept CSV)")
+    p.add_argument("--random-pool", default=None, help="folder of random images (or a manifest CSV) for the CAV")
+    p.add_argument("--layer", default=None, help="the layer of the artifact CAV (ClArC methods), e.g. the last conv")
+    p.add_argument("--class", dest="target_class", default=None,
+                   help="the biased class: RR-ClArC's gradient target, and what the evaluation attacks")
+    p.add_argument("--artifact", default=None, help="RGBA PNG of the artifact at the input size (opaque = artifact): "
+                   "pasted into the other classes' test images for the attacked accuracy and relevance share")
+    p.add_argument("--cav", default=None, help="reuse the artifact CAV of an earlier run's correction.json (instead "
+                   "of fitting one from --concepts/--random-pool)")
+    p.add_argument("--weight", type=float, default=None, help="lambda of rr-clarc or rrr (default 10 for both)")
+    p.add_argument("--masks-column", default="mask", help="rrr: manifest column of mask PNGs (default 'mask')")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak one-cycle learning rate of fine-tuning (default 3e-3)")
+    p.add_argument("--train-batch-size", type=int, default=32, help="fine-tuning batch size (default 32)")
+    p.add_argument("--train-all", action="store_true", help="ClArC: fine-tune every layer, not only those after --layer")
+    p.add_argument("--tcav-runs", type=int, default=None, help="runs of the before/after TCAV audit (default: TCAV's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the CAV, fine-tuning and the evaluation (default 0)")
+    p.add_argument("--out", required=True, help="output folder (model.pt + model.json, correction.json, evaluation/)")
+    p.set_defaults(func=_cmd_correct)
     return parser
 
 

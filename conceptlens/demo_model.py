@@ -74,13 +74,20 @@ def _shift(x, gen, *others):
     return move(x) if not others else (move(x), *(move(t) for t in others))
 
 
-def _fit(model, x_train, y_train, epochs, batch_size, lr, seed, progress, penalty=None, aux=None, desc="train demo CNN"):
+def _fit(model, x_train, y_train, epochs, batch_size, lr, seed, progress, penalty=None, aux=None, desc="train demo CNN",
+         batch_stats=True):
     """The demo CNN's training loop (AdamW, one-cycle learning rate, shift augmentation), in place.
 
-    ``penalty(model, x, y, aux) -> scalar tensor``, if given, is added to each batch's cross-entropy;
-    ``x`` is the shifted, normalised batch (a leaf that requires grad) and ``aux`` the batch's rows of
-    ``aux`` (a tensor ``[N, C, H, W]`` aligned with ``x_train``, e.g. annotation masks) shifted with
-    it, or ``None``. Returns the seconds of each epoch (a list).
+    ``penalty(model, x, y, aux) -> (logits, term)``, if given, runs the batch's forward itself (so a
+    term built on the same forward, e.g. a gradient at a hooked layer, costs no second one) and
+    ``term`` is added to the cross-entropy of ``logits``; ``x`` is the shifted, normalised batch (a
+    leaf that requires grad) and ``aux`` the batch's rows of ``aux`` (a tensor ``[N, C, H, W]``
+    aligned with ``x_train``, e.g. annotation masks) shifted with it, or ``None``. Returns the
+    seconds of each epoch (a list). Modules whose parameters are all frozen (``requires_grad``
+    False) stay in eval mode, so fine-tuning part of a model leaves the rest exactly as it was; with
+    ``batch_stats=False`` every batch-norm layer does (it normalises with its running statistics,
+    so each image's logits and gradients depend on that image alone, and a shift of the activations
+    applied to the whole batch is not normalised away).
     """
     gen = torch.Generator().manual_seed(seed)  # batch order and shifts: drawn on the CPU whatever the device
     steps_per_epoch = int(np.ceil(len(x_train) / batch_size))
@@ -92,6 +99,10 @@ def _fit(model, x_train, y_train, epochs, batch_size, lr, seed, progress, penalt
     for _ in bar:
         t_epoch = time.perf_counter()
         model.train()
+        for m in model.modules():  # frozen modules (fine-tuning) keep their batch-norm statistics too
+            own = list(m.parameters(recurse=False))
+            if (own and not any(q.requires_grad for q in own)) or (not batch_stats and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+                m.eval()
         order = torch.randperm(len(x_train), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
@@ -103,8 +114,8 @@ def _fit(model, x_train, y_train, epochs, batch_size, lr, seed, progress, penalt
             if penalty is None:
                 loss = loss_fn(model(xb), y_train[idx])
             else:
-                xb = xb.detach().requires_grad_(True)
-                loss = loss_fn(model(xb), y_train[idx]) + penalty(model, xb, y_train[idx], ab)
+                logits, term = penalty(model, xb.detach().requires_grad_(True), y_train[idx], ab)
+                loss = loss_fn(logits, y_train[idx]) + term
             loss.backward()
             opt.step()
             sched.step()

@@ -256,8 +256,10 @@ def _refusal_reason(exc):
     return first.group(1) if first else (text.splitlines()[0] if text else type(exc).__name__)
 
 
-def _state_hash(module):
-    h = hashlib.sha256()
+def _state_hash(module, projection=None):
+    """SHA-256 of the state dict; with a sidecar's activation projection, of that too (the same
+    weights with and without it are different models, and cached results must not mix them)."""
+    h = hashlib.sha256(json.dumps(projection, sort_keys=True).encode() if projection else b"")
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
@@ -457,19 +459,32 @@ def load_model(spec, device="auto", num_classes=None, seed=0):
     sidecar = Path(weights).with_suffix(".json") if weights else None
     if kind != "demo" and "preprocessing" in side:
         default_prep = _sidecar_preprocessing(side["preprocessing"], default_prep, sidecar, input_size)
+    if "projection" in side:
+        _attach_projection(module, side["projection"], sidecar)
     module.eval()
     module.to(device)
     classes = side.get("classes")
     return LoadedModel(
         module=module,
         spec=str(spec),
-        weights_hash=_state_hash(module),
+        weights_hash=_state_hash(module, side.get("projection")),
         preprocessing=default_prep,
         classes=list(classes) if classes else None,
         device=device,
         input_size=input_size,
         sidecar=sidecar,
     )
+
+
+def _attach_projection(module, table, sidecar):
+    """Re-attach the activation projection a sidecar records (a P-ClArC-corrected model,
+    ``conceptlens correct --method p-clarc``)."""
+    from .core.projection import attach_projection
+
+    if not isinstance(table, dict) or not {"layer", "vector", "level"} <= set(table):
+        raise ConceptLensError(f"sidecar {sidecar}: \"projection\" needs layer, vector and level")
+    validate_layers(module, [table["layer"]])
+    attach_projection(module, table["layer"], table["vector"], float(table["level"]))
 
 
 def _size_only(input_size):

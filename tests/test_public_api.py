@@ -24,7 +24,9 @@ MODULES = [
     "conceptlens.review", "conceptlens.report", "conceptlens.report.review", "conceptlens.report.compare",
     "conceptlens.decision", "conceptlens.decision.contributions", "conceptlens.decision.tree",
     "conceptlens.featurevis", "conceptlens.featurevis.objectives", "conceptlens.featurevis.param",
-    "conceptlens.featurevis.transforms", "conceptlens.featurevis.render",
+    "conceptlens.featurevis.transforms", "conceptlens.featurevis.render", "conceptlens.featurevis.atlas",
+    "conceptlens.core.projection", "conceptlens.correction", "conceptlens.correction.clarc",
+    "conceptlens.correction.correct", "conceptlens.correction.evaluate", "conceptlens.correction.rrr",
 ]
 
 

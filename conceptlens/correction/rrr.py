@@ -34,7 +34,7 @@ seed 0; clean baseline 0.991): λ = 3 gives 0.978 test accuracy, λ = 10 0.976, 
 recovers only 0.749 and λ = 100 gives 0.960, so pass ``weight`` for other sizes and data."""
 
 
-def rrr_penalty(model, x, mask, weight=DEFAULT_RRR_WEIGHT):
+def rrr_penalty(model, x, mask, weight=DEFAULT_RRR_WEIGHT, logits=None):
     """Ross et al.'s right-reasons term for one batch, differentiable in the model's parameters.
 
     Parameters
@@ -47,6 +47,8 @@ def rrr_penalty(model, x, mask, weight=DEFAULT_RRR_WEIGHT):
         ``[B, 1, H, W]`` or ``[B, C, H, W]``, 1 (or any positive weight) where the model must not look.
     weight : float
         λ (see :data:`DEFAULT_RRR_WEIGHT`).
+    logits : torch.Tensor, optional
+        ``model(x)`` when the caller already ran that forward (with its graph); saves a second one.
 
     Returns
     -------
@@ -56,9 +58,19 @@ def rrr_penalty(model, x, mask, weight=DEFAULT_RRR_WEIGHT):
     """
     if not x.requires_grad:
         raise ConceptLensError("rrr_penalty needs an input batch that requires grad; call x.requires_grad_() first")
-    log_p = torch.log_softmax(model(x), dim=1)
+    log_p = torch.log_softmax(model(x) if logits is None else logits, dim=1)
     (grad,) = torch.autograd.grad(log_p.sum(), x, create_graph=True)
     return weight * ((mask * grad) ** 2).sum(dim=tuple(range(1, x.ndim))).mean()
+
+
+def _penalty(weight):
+    """The RRR term as a ``penalty(model, x, y, mask) -> (logits, term)`` of the demo training loop
+    (one forward; the term on its logits)."""
+    def penalty(model, x, y, mask):
+        logits = model(x)
+        return logits, rrr_penalty(model, x, mask, weight, logits=logits)
+
+    return penalty
 
 
 def _check_masks(manifest, column, rows):
@@ -126,13 +138,10 @@ def train_rrr(world, out, masks_column="mask", weight=DEFAULT_RRR_WEIGHT, epochs
         m = Manifest.read(path)
         _check_masks(m, masks_column, np.flatnonzero(m.frame["split"].to_numpy() == "train"))
 
-    def penalty(model, x, y, mask):
-        return rrr_penalty(model, x, mask, weight)
-
     settings = {"correction": {"method": "rrr", "reference": "Ross et al. 2017", "weight": float(weight),
                                "masks_column": masks_column,
                                "gradient_of": "sum over classes of log softmax, w.r.t. the normalised input",
                                "reduction": "mean over the batch of each image's sum of squares"}}
-    sidecar, _ = _train(world, out, epochs, batch_size, lr, seed, device, progress, manifest, penalty=penalty,
+    sidecar, _ = _train(world, out, epochs, batch_size, lr, seed, device, progress, manifest, penalty=_penalty(weight),
                         aux=lambda m: _load_masks(m, masks_column), extra_sidecar=settings, desc="train demo CNN (RRR)")
     return sidecar

@@ -72,6 +72,14 @@ def tag_masks(size):
     return tag, dark
 
 
+def tag_artifact(size):
+    """The tag as an RGBA ``uint8`` image ``(size, size, 4)``: opaque on the tag square, transparent
+    elsewhere; saved as a PNG it is the artifact ``conceptlens correct --artifact`` pastes."""
+    tag, dark = tag_masks(size)
+    rgb = np.where(dark[..., None], TAG_DARK, TAG_LIGHT).astype(np.uint8)
+    return np.dstack([rgb, np.where(tag, 255, 0).astype(np.uint8)])
+
+
 def shape_mask(shape, cy, cx, r, size, hollow=False):
     """Boolean mask of one shape centred at ``(cy, cx)`` with half-extent ``r`` pixels.
 
