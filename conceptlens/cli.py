@@ -42,11 +42,12 @@ def _add_model_args(p, layers=True, required=True):
         p.add_argument("--layers", required=required, type=_csv_list, help="comma-separated layer names (see `conceptlens layers MODEL`)")
 
 
-def _add_data_args(p, required=True):
+def _add_data_args(p, required=True, loader=True):
     p.add_argument("--data", required=required, help="data manifest CSV (column 'image', paths relative to the CSV)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted and listed) instead of failing")
+    if loader:
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+        p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted and listed) instead of failing")
     p.add_argument("--resize", type=int, default=None, help="resize the shorter side to N pixels (0: no resize; default: the model's)")
     p.add_argument("--crop", type=int, default=None, help="centre crop to N x N (0: no crop; default: the model's)")
     p.add_argument("--mean", type=_floats3, default=None, help="normalisation mean R,G,B (default: the model's)")
@@ -127,6 +128,8 @@ def _cmd_extract(args):
         skip_bad=args.skip_bad,
         preprocessing=_preprocessing(args, model, manifest),
         progress=not args.quiet,
+        engine=args.engine,
+        shards=args.shards,
     )
     _print_store(store)
 
@@ -609,7 +612,7 @@ def _cmd_correct(args):
     cav = read_cav(args.cav) if args.cav else None
     fixed = correct(model, manifest.path, args.method, args.out, concepts=args.concepts, random_pool=args.random_pool,
                     concept=args.concept, layer=args.layer, target_class=args.target_class, weight=args.weight,
-                    masks_column=args.masks_column, epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
+                    masks_column=args.masks_column, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                     seed=args.seed, cav=cav, train_all=args.train_all, preprocessing=prep, progress=not args.quiet)
     layer = fixed.settings.get("cav", {}).get("layer", args.layer)  # the audit runs where the CAV was fitted
     epochs = fixed.settings["epoch_seconds"]
@@ -640,6 +643,12 @@ def _cmd_correct(args):
                                                         "relevance share not measured)"))
 
 
+ENGINE_CHOICES = ("local", "ray")  # conceptlens.core.engine.ENGINES, without importing the core for --help
+ENGINE_HELP = ("where forward passes run: local (default) or ray (Ray actors; RAY_ADDRESS, else a new local "
+               "instance; needs conceptlens[ray]); ray runs `extract` so far")
+RAY_COMMANDS = ("extract",)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="conceptlens",
@@ -648,11 +657,13 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"conceptlens {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log automatic choices (INFO)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="local", help=ENGINE_HELP)
     # The global flags are accepted after the command too (`conceptlens demo -q`); SUPPRESS keeps a
     # subcommand from resetting a flag given before it.
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log automatic choices (INFO)")
     flags.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    flags.add_argument("--engine", choices=ENGINE_CHOICES, default=argparse.SUPPRESS, help=ENGINE_HELP)
     sub = _Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"), flags)
 
     p = sub.add_parser("world", help="generate a procedural concept world (images, manifest, Broden set, concepts)")
@@ -702,6 +713,8 @@ def build_parser():
     p.add_argument("--pool", default="mean", help="none | mean | max | adaptive:K (default mean)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"],
                    help="auto: float32 pooled, float16 spatial")
+    p.add_argument("--shards", type=int, default=None, help="--engine ray: row ranges the manifest is cut into "
+                   "(default four per actor); a run resumes shard by shard")
     p.add_argument("--out", required=True, help="store directory (resumed if unfinished, rebuilt if stale)")
     p.set_defaults(func=_cmd_extract)
 
@@ -940,7 +953,7 @@ def build_parser():
     p = sub.add_parser("correct", help="fix a shortcut: P-/A-/RR-ClArC or RRR, with before/after accuracy, attacked "
                        "accuracy, relevance share and TCAV audit")
     _add_model_args(p, layers=False)
-    _add_data_args(p)
+    _add_data_args(p, loader=False)  # the train and test rows are read whole; an unreadable image stops the run
     p.add_argument("--method", required=True, choices=("p-clarc", "a-clarc", "rr-clarc", "rrr"),
                    help="p-clarc: project the artifact CAV out at --layer (no training); a-clarc / rr-clarc: fine-tune "
                    "the layers after --layer (artifact added / logit gradient along the CAV penalised); rrr: fine-tune "
@@ -959,7 +972,7 @@ def build_parser():
     p.add_argument("--masks-column", default="mask", help="rrr: manifest column of mask PNGs (default 'mask')")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak one-cycle learning rate of fine-tuning (default 3e-3)")
-    p.add_argument("--train-batch-size", type=int, default=32, help="fine-tuning batch size (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size (default 32)")
     p.add_argument("--train-all", action="store_true", help="ClArC: fine-tune every layer, not only those after --layer")
     p.add_argument("--tcav-runs", type=int, default=None, help="runs of the before/after TCAV audit (default: TCAV's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the CAV, fine-tuning and the evaluation (default 0)")
@@ -991,6 +1004,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    if args.engine == "ray" and args.command not in RAY_COMMANDS:
+        print(f"conceptlens: error: --engine ray runs {', '.join(RAY_COMMANDS)} so far; run {args.command} with "
+              "--engine local (the default)", file=sys.stderr)
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())

@@ -313,6 +313,17 @@ class _Target:
     dtype: str
 
 
+def _store_request(model, manifest, manifest_hash, prep, req):
+    """``(layers, pool, dtype, request)`` of a :class:`StoreRequest`: what a store's hash covers."""
+    layers = validate_layers(model.module, req.layers)
+    pool = parse_pool(req.pool)
+    dtype = _resolve_dtype(req.dtype, pool)
+    request = {"model": model.spec, "weights_hash": model.weights_hash, "manifest": str(manifest.path),
+               "manifest_hash": manifest_hash, "layers": layers, "pool": pool, "dtype": dtype,
+               "preprocessing": prep.to_dict(), "version": __version__}
+    return layers, pool, dtype, request
+
+
 def capture(model, data, stores=(), logits=False, observers=(), batch_size=64, num_workers=0, skip_bad=False,
             preprocessing=None, progress=True):
     """One pass over a manifest for everything asked of it: stores, logits and streaming observers.
@@ -345,12 +356,7 @@ def capture(model, data, stores=(), logits=False, observers=(), batch_size=64, n
     manifest_hash = manifest.content_hash() if stores else None  # reads every image: only stores need it
     targets, states = [], []
     for req in stores:
-        layers = validate_layers(model.module, req.layers)
-        pool = parse_pool(req.pool)
-        dtype = _resolve_dtype(req.dtype, pool)
-        request = {"model": model.spec, "weights_hash": model.weights_hash, "manifest": str(manifest.path),
-                   "manifest_hash": manifest_hash, "layers": layers, "pool": pool, "dtype": dtype,
-                   "preprocessing": prep.to_dict(), "version": __version__}
+        layers, pool, dtype, request = _store_request(model, manifest, manifest_hash, prep, req)
         writer = StoreWriter(Path(req.path), request, len(manifest))
         states.append(writer.existing())
         if states[-1] == "complete":
@@ -392,6 +398,8 @@ def extract(
     preprocessing=None,
     observers=(),
     progress=True,
+    engine="local",
+    shards=None,
 ):
     """Capture ``layers`` for every image of a manifest into an ActivationStore at ``out``.
 
@@ -419,11 +427,29 @@ def extract(
         instead, computed inside the forward hook (no copy of the maps is kept).
     skip_bad : bool
         Skip unreadable images (recorded in the store's ``skipped``) instead of failing.
+    engine : {"local", "ray"}
+        ``ray``: the forward passes run in Ray actors, shard by shard (:mod:`~conceptlens.core.engine`;
+        ``RAY_ADDRESS`` or a new local instance); the store is the one a local run writes, bit for
+        bit. ``num_workers`` and ``observers`` are local only.
+    shards : int, optional
+        Ray: how many row ranges (default four per actor).
 
     Returns
     -------
     ActivationStore
     """
+    from .engine import check_engine, ray_extract
+
+    if check_engine(engine) == "ray":
+        if observers:
+            raise ConceptLensError("observers run in this process; use engine='local' for streaming statistics")
+        model = load_model(model) if isinstance(model, str) else model
+        manifest = data if isinstance(data, Manifest) else Manifest.read(data)
+        prep = model.preprocessing_for(manifest, preprocessing)
+        validate_layers(model.module, layers)  # before any actor starts
+        req = StoreRequest(out, layers, pool, dtype)
+        return ray_extract(model, manifest, lambda: _store_request(model, manifest, manifest.content_hash(), prep, req),
+                           out, batch_size=batch_size, skip_bad=skip_bad, prep=prep, shards=shards, progress=progress)
     (store,) = capture(model, data, [StoreRequest(out, layers, pool, dtype)], observers=observers, batch_size=batch_size,
                        num_workers=num_workers, skip_bad=skip_bad, preprocessing=preprocessing, progress=progress).stores
     return store

@@ -235,11 +235,14 @@ class StoreWriter:
                 os.pwrite(f.fileno(), arr.tobytes(), self._offsets[layer] + self.meta["n_rows"] * row_bytes)
         self.meta["n_rows"] += n or 0
         self.meta["rows_completed"] = rows_completed
-        self.meta["skipped"].extend(s.to_dict() for s in skipped)
+        self.meta["skipped"].extend(s if isinstance(s, dict) else s.to_dict() for s in skipped)
         _write_json(self.path / META, self.meta)
 
-    def finish(self, manifest_frame):
-        """Trim arrays to the rows written, write ``rows.csv`` and mark the store complete."""
+    def finish(self, manifest_frame, rows=None):
+        """Trim arrays to the rows written, write ``rows.csv`` and mark the store complete.
+
+        ``rows``: the manifest rows this store covers (default all; a shard of a sharded
+        extraction covers one range)."""
         n = self.meta["n_rows"]
         if n < self.n_manifest_rows:
             # Skipped images left unused capacity: rewrite each array at its true length so the
@@ -256,7 +259,7 @@ class StoreWriter:
                 del src, dst
                 os.replace(tmp, file)
         skipped_rows = {s["manifest_row"] for s in self.meta["skipped"]}
-        keep = [i for i in range(self.n_manifest_rows) if i not in skipped_rows]
+        keep = [i for i in (range(self.n_manifest_rows) if rows is None else rows) if i not in skipped_rows]
         rows = manifest_frame.iloc[keep].copy()
         rows.insert(0, "manifest_row", keep)
         rows.to_csv(self.path / ROWS, index=False)
