@@ -12,8 +12,11 @@
    bit for bit.
 4. ``ray_local_overhead``: Ray seconds / local seconds (target ≤ 1.3).
 
-``ray_shard_merge_seconds`` (dissection and top-k merged from 8 shards) is not measured: the Ray
-engine runs extraction only so far.
+5. ``ray_shard_merge_seconds_topk``: the driver's share of a Ray top-k (``conceptlens --engine ray
+   topk``): merging ``--shards`` per-shard ``TopK(k=16)`` accumulators of ``conv3, conv4`` in row
+   order (the shards' accumulators are filled beforehand, locally, one per row range, and the
+   merged result is checked equal to one pass over all rows). Dissection is not merged across
+   shards yet, so its figure is not measured.
 
     python benchmarks/scale.py [--n 5000] [--cpus 2] [--shards 8]
 """
@@ -25,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptlens.core.extract import extract
+from conceptlens.core.engine import shard_ranges
+from conceptlens.core.extract import extract, iter_activations
+from conceptlens.core.topk import TopK
+from conceptlens.data import Manifest, make_loader
 from conceptlens.demo_model import train_demo
 from conceptlens.models import load_model
 from conceptlens.world import generate_world
@@ -63,8 +69,27 @@ def main():
               f"stores identical: {same}")
         if not same:
             raise SystemExit("the Ray store differs from the local one")
-        print("ray_shard_merge_seconds: not measured (the Ray engine runs extraction only so far)")
+        manifest = Manifest.read(world.manifest)
+
+        def filled(rows):
+            acc = TopK(16, "max", layers)
+            batches = make_loader(manifest, model.preprocessing, batch_size=64, rows=rows)
+            for r, _, raw in iter_activations(model, batches, layers, keep_raw=acc.reduce):
+                acc.update(r, raw)
+            return acc
+
+        parts = [filled(range(a, b)) for a, b in shard_ranges(args.n, 64, args.shards)]
+        t = time.perf_counter()
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = merged.merge(part)
+        merge_s = time.perf_counter() - t
+        whole = filled(range(args.n)).result()
+        exact = all(np.array_equal(a, b) for layer in layers for a, b in zip(merged.result()[layer], whole[layer]))
+        print(f"top-k (k=16) of {len(parts)} shards merged in {merge_s:.4f} s; equal to one pass: {exact}; "
+              "dissection: not merged across shards yet")
         print(f"BENCH ray_local_overhead {ray_s / local_s:.2f}")
+        print(f"BENCH ray_shard_merge_seconds_topk {merge_s:.4f}")
 
 
 if __name__ == "__main__":

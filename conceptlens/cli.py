@@ -232,6 +232,8 @@ def _store_from_args(args, columns=None, layer=None):
     if args.store is not None:
         if args.model or args.data:
             raise ConceptLensError("give either --store or --model/--data/--layers, not both")
+        if args.engine == "ray":
+            raise ConceptLensError("top-k from a --store reads it in this process; --engine ray needs --model/--data/--layers")
         return ActivationStore.open(args.store)
     if not (args.model and args.data and args.layers):
         raise ConceptLensError("give --store DIR, or all of --model, --data and --layers to extract activations first")
@@ -325,6 +327,8 @@ def _cmd_topk(args):
     if args.store is not None:
         if args.model or args.data:
             raise ConceptLensError("give either --store or --model/--data/--layers, not both")
+        if args.engine == "ray":
+            raise ConceptLensError("top-k from a --store reads it in this process; --engine ray needs --model/--data/--layers")
         result = topk_from_store(args.store, args.layers, k=args.k, score=args.score)
     else:
         if not (args.model and args.data and args.layers):
@@ -336,7 +340,8 @@ def _cmd_topk(args):
         manifest = Manifest.read(args.data)
         result = topk(model, manifest, args.layers, k=args.k, score=args.score, store=Path(args.out) / "activations",
                       pool=args.pool, batch_size=args.batch_size, num_workers=args.workers,
-                      preprocessing=_preprocessing(args, model, manifest), skip_bad=args.skip_bad, progress=not args.quiet)
+                      preprocessing=_preprocessing(args, model, manifest), skip_bad=args.skip_bad, progress=not args.quiet,
+                      engine=args.engine)
     result.save(args.out)
     layers = result.table["layer"].unique()
     print(f"top-{args.k} images by spatial {args.score} for {len(result.table)} (layer, channel, rank) entries of "
@@ -645,8 +650,8 @@ def _cmd_correct(args):
 
 ENGINE_CHOICES = ("local", "ray")  # conceptlens.core.engine.ENGINES, without importing the core for --help
 ENGINE_HELP = ("where forward passes run: local (default) or ray (Ray actors; RAY_ADDRESS, else a new local "
-               "instance; needs conceptlens[ray]); ray runs `extract` so far")
-RAY_COMMANDS = ("extract",)
+               "instance; needs conceptlens[ray]); ray runs `extract` and `topk` so far")
+RAY_COMMANDS = ("extract", "topk")
 
 
 def build_parser():

@@ -3,6 +3,7 @@ survives a killed actor, resumes by shard and refuses what it cannot do right.""
 
 import builtins
 import filecmp
+import json
 import logging
 import shutil
 import threading
@@ -126,6 +127,21 @@ def test_an_interrupted_run_resumes_by_shard(demo_model, manifest, local_stores,
     _same_store(local_stores["mean"], store)
 
 
+def test_topk_ranked_in_the_actors_equals_the_local_top_k(demo_weights, manifest, tmp_path):
+    base = ["topk", "--model", f"demo:{demo_weights}", "--data", str(manifest), "--layers", "conv3,conv4", "--k", "5",
+            "--batch-size", str(BATCH), "--device", "cpu", "-q"]
+    assert main(base + ["--out", str(tmp_path / "local")]) == 0
+    assert main(["--engine", "ray"] + base + ["--out", str(tmp_path / "ray")]) == 0
+    # Ranked during the (Ray) extraction, not by a fallback local pass:
+    params = json.loads((tmp_path / "ray" / "topk.json").read_text())["params"]
+    assert params["source"] == "extraction" and params["n_seen"] == N
+    # Scores, rows and argmax locations of every (layer, channel, rank), and the store written with them.
+    assert filecmp.cmp(tmp_path / "local" / "topk.csv", tmp_path / "ray" / "topk.csv", shallow=False)
+    for name in ("conv3.npy", "conv4.npy", "rows.csv"):
+        assert filecmp.cmp(tmp_path / "local" / "activations" / name, tmp_path / "ray" / "activations" / name,
+                           shallow=False)
+
+
 def test_workers_refuse_other_weights_and_missing_data(demo_weights, manifest, tmp_path):
     weights = tmp_path / "m.pt"
     shutil.copy(demo_weights, weights)
@@ -149,7 +165,7 @@ def test_engine_errors_are_one_line(monkeypatch, capsys, demo_weights):
     with pytest.raises(ConceptLensError, match="engine must be one of local, ray"):
         check_engine("spark")
     assert main(["--engine", "ray", "layers", f"demo:{demo_weights}"]) == 2
-    assert "--engine ray runs extract so far" in capsys.readouterr().err
+    assert "--engine ray runs extract, topk so far" in capsys.readouterr().err
     real_import = builtins.__import__
 
     def no_ray(name, *args, **kwargs):

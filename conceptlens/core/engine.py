@@ -10,7 +10,8 @@ then appends the finished shards, in row order, to the store at ``out`` through 
 Failures: an actor that dies is restarted and its shard retried by Ray (``max_restarts``,
 ``max_task_retries``); a retried shard resumes or rewrites its own store, and the driver appends a
 shard only once it is complete, so every row lands exactly once. An interrupted run resumes by
-shard: finished shards are reused, appended ones skipped. An actor that cannot read the manifest,
+shard: finished shards are reused, appended ones skipped. Mergeable observers (top-k) are filled
+in the actors, one per shard, and merged by the driver in row order. An actor that cannot read the manifest,
 or loads weights other than the driver's, stops the run with a line naming its node.
 """
 
@@ -69,6 +70,7 @@ class _ShardWorker:
             "give every node the same weights file")
 
     def run(self, job, start, stop, shard_dir):
+        """Extract rows ``start:stop`` into ``shard_dir``; returns the shard's filled observers."""
         from ..data import Manifest, Preprocessing, make_loader
         from .extract import _Target, _write_pass
         from .store import StoreWriter
@@ -80,16 +82,20 @@ class _ShardWorker:
                                    "data at the same path (a shared file system)")
         manifest = Manifest.read(job["manifest"])
         writer = StoreWriter(shard_dir, {**job["request"], "shard": [start, stop]}, stop - start)
+        observers = job["observers"]  # fresh, empty copies (deserialised per call and per retry)
         state = writer.existing()
+        if state and observers:  # the observers must see every row of the shard
+            writer.restart()
+            state = None
         if state == "complete":
-            return shard_dir
+            return observers
         first = writer.rows_completed if state == "resume" else start
         batches = make_loader(manifest, Preprocessing.from_dict(job["preprocessing"], source="the driver"),
                               batch_size=job["batch_size"], skip_bad=job["skip_bad"], rows=range(first, stop))
         target = _Target(writer, list(job["layers"]), job["pool"], job["dtype"])
-        _write_pass(self.model, batches, [target], (), False, first, stop, False)
+        _write_pass(self.model, batches, [target], observers, False, first, stop, False)
         writer.finish(manifest.frame, rows=range(start, stop))
-        return shard_dir
+        return observers
 
 
 def _cluster(ray, address):
@@ -114,14 +120,20 @@ def _append(writer, shard, start, stop):
     writer.write({}, stop, store.skipped)
 
 
-def ray_extract(model, manifest, request_of, out, batch_size=64, skip_bad=False, prep=None, shards=None, actors=None,
-                address=None, progress=True):
+def ray_extract(model, manifest, request_of, out, batch_size=64, skip_bad=False, prep=None, observers=(), shards=None,
+                actors=None, address=None, progress=True):
     """Write the store of ``request_of()`` at ``out`` with Ray actors (see the module notes).
 
     Called by :func:`~conceptlens.core.extract.extract` with ``engine="ray"``. ``request_of()``
     returns ``(layers, pool, dtype, request)`` (it hashes the manifest's images, which overlaps
     with the actors' start-up). ``shards`` defaults to four per actor, ``actors`` to the cluster's
     GPUs, else its CPUs; ``address`` is Ray's (default ``RAY_ADDRESS``, else a new local instance).
+
+    ``observers`` (mergeable accumulators with ``empty()`` and ``merge()``, e.g.
+    :class:`~conceptlens.core.topk.TopK`) run next to the data: each shard fills an empty copy,
+    the driver merges them in row order and updates each observer in place with the result, as a
+    local extraction would have. With observers, an unfinished store is rewritten, not resumed
+    (the observers must see every row).
     """
     from tqdm.auto import tqdm
 
@@ -147,26 +159,35 @@ def ray_extract(model, manifest, request_of, out, batch_size=64, skip_bad=False,
             logger.info("activation store %s is complete for this request: reusing it", out)
             return ActivationStore.open(out)
         shard_root = Path(f"{Path(out)}.shards")
+        if observers and state == "resume":
+            logger.info("store %s: rewriting it from the first row, so the observers see every row", out)
+            writer.restart()
+            state = None
         done = _resume_point(writer, state, ranges, shard_root)
         todo = [(i, a, b) for i, (a, b) in enumerate(ranges) if b > done]
         job = {"manifest": str(manifest.path), "preprocessing": prep.to_dict(), "layers": list(layers), "pool": pool,
-               "dtype": dtype, "batch_size": batch_size, "skip_bad": skip_bad, "request": request}
+               "dtype": dtype, "batch_size": batch_size, "skip_bad": skip_bad, "request": request,
+               "observers": [o.empty() for o in observers]}
+        merged = list(observers)
         # Shards go to the actors in turn; each actor runs its queue in order.
         pending = {i: pool_[j % len(pool_)].run.remote(job, a, b, str(shard_root / f"{i:05d}"))
                    for j, (i, a, b) in enumerate(todo)}
         with tqdm(total=len(manifest), initial=done, desc="extract (ray)", unit="img", disable=not progress) as bar:
             for i, a, b in todo:  # append in row order as shards finish
                 try:
-                    ray.get(pending[i])
+                    filled = ray.get(pending[i])
                 except ray.exceptions.RayTaskError as exc:
                     if isinstance(getattr(exc, "cause", None), ConceptLensError):
                         raise ConceptLensError(str(exc.cause)) from None
                     raise
                 _append(writer, shard_root / f"{i:05d}", a, b)
+                merged = [m.merge(f) for m, f in zip(merged, filled)]
                 bar.update(b - bar.n)
     finally:
         for actor in pool_:
             ray.kill(actor)
+    for observer, result in zip(observers, merged):
+        vars(observer).update(vars(result))  # in place, as a local pass updates its observers
     store = writer.finish(manifest.frame)
     shutil.rmtree(shard_root, ignore_errors=True)
     logger.info("ray: %d shards on %d actors -> %s", len(ranges), len(pool_), out)

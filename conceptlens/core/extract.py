@@ -430,7 +430,9 @@ def extract(
     engine : {"local", "ray"}
         ``ray``: the forward passes run in Ray actors, shard by shard (:mod:`~conceptlens.core.engine`;
         ``RAY_ADDRESS`` or a new local instance); the store is the one a local run writes, bit for
-        bit. ``num_workers`` and ``observers`` are local only.
+        bit. ``observers`` must then be mergeable (``empty()`` and ``merge()``, as
+        :class:`~conceptlens.core.topk.TopK`): each shard fills a copy in its actor and the driver
+        merges them. ``num_workers`` is local only.
     shards : int, optional
         Ray: how many row ranges (default four per actor).
 
@@ -441,15 +443,18 @@ def extract(
     from .engine import check_engine, ray_extract
 
     if check_engine(engine) == "ray":
-        if observers:
-            raise ConceptLensError("observers run in this process; use engine='local' for streaming statistics")
+        unmergeable = [type(o).__name__ for o in observers if not (hasattr(o, "empty") and hasattr(o, "merge"))]
+        if unmergeable:
+            raise ConceptLensError(f"observers {', '.join(unmergeable)} cannot be merged across shards (they need "
+                                   "empty() and merge()); use engine='local' for them")
         model = load_model(model) if isinstance(model, str) else model
         manifest = data if isinstance(data, Manifest) else Manifest.read(data)
         prep = model.preprocessing_for(manifest, preprocessing)
         validate_layers(model.module, layers)  # before any actor starts
         req = StoreRequest(out, layers, pool, dtype)
         return ray_extract(model, manifest, lambda: _store_request(model, manifest, manifest.content_hash(), prep, req),
-                           out, batch_size=batch_size, skip_bad=skip_bad, prep=prep, shards=shards, progress=progress)
+                           out, batch_size=batch_size, skip_bad=skip_bad, prep=prep, observers=observers, shards=shards,
+                           progress=progress)
     (store,) = capture(model, data, [StoreRequest(out, layers, pool, dtype)], observers=observers, batch_size=batch_size,
                        num_workers=num_workers, skip_bad=skip_bad, preprocessing=preprocessing, progress=progress).stores
     return store

@@ -115,12 +115,16 @@ class TopK:
         idx = _top_indices(s, r, self.k)
         self.state[layer] = (s.gather(0, idx), r.gather(0, idx), loc.gather(0, idx))
 
+    def empty(self):
+        """A fresh accumulator with the same parameters (what each shard of a Ray extraction fills)."""
+        return TopK(self.k, self.score, self.layers, self.locations)
+
     def merge(self, other):
         """A new accumulator holding the top-k of both (same ``k`` and ``score``)."""
         if (other.k, other.score, other.locations) != (self.k, self.score, self.locations):
             raise ConceptLensError(f"cannot merge TopK(k={other.k}, score={other.score}, locations={other.locations}) into "
                                    f"TopK(k={self.k}, score={self.score}, locations={self.locations})")
-        out = TopK(self.k, self.score, self.layers, self.locations)
+        out = self.empty()
         for acc in (self, other):
             for layer, (s, r, loc) in acc.state.items():
                 out._push(layer, s, r, acc.shapes[layer], loc=loc)

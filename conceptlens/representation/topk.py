@@ -183,7 +183,7 @@ def topk_from_store(store, layers=None, k=16, score="max", chunk_rows=256):
 
 
 def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", batch_size=64, num_workers=0,
-         preprocessing=None, skip_bad=False, progress=True):
+         preprocessing=None, skip_bad=False, progress=True, engine="local"):
     """Top-k images per channel of ``layers``, computed in the extraction forward pass.
 
     Parameters
@@ -198,8 +198,9 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
         Also write an ActivationStore (``pool``) in the same pass. If that store is already
         complete for this request, its forward pass is skipped by :func:`extract`, and the top-k
         is computed with one plain pass instead (logged).
-    pool, batch_size, num_workers, preprocessing, skip_bad, progress
-        As for :func:`~conceptlens.core.extract.extract`.
+    pool, batch_size, num_workers, preprocessing, skip_bad, progress, engine
+        As for :func:`~conceptlens.core.extract.extract`; ``engine="ray"`` (with ``store``) ranks
+        each shard in its actor and merges the shards' top-k.
 
     Returns
     -------
@@ -218,7 +219,7 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
 
     if store is not None:
         st = extract(model, manifest, layers, store, pool=pool, batch_size=batch_size, num_workers=num_workers,
-                     skip_bad=skip_bad, preprocessing=prep, observers=[acc], progress=progress)
+                     skip_bad=skip_bad, preprocessing=prep, observers=[acc], progress=progress, engine=engine)
         if acc.n_seen == st.n_rows:
             return TopKResult.from_accumulator(acc, manifest, {"layers": list(layers), "source": "extraction"}, prov(st))
         logger.info("store %s was (partly) reused, so extraction did not see every image: one plain pass for top-k", store)
