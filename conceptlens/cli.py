@@ -594,7 +594,7 @@ def _cmd_dissect(args):
                      rule=args.rule, thresholds=args.thresholds, top_k=args.top_k, size=args.size, mean=args.mean,
                      std=args.std, categories=args.categories, batch_size=args.batch_size, dtype=args.dtype,
                      quantile_method=args.quantile_method, memory_budget=int(args.memory_budget * 2**20),
-                     num_workers=args.workers, progress=not args.quiet)
+                     num_workers=args.workers, progress=not args.quiet, engine=args.engine)
     if not args.no_images and args.top_k > 0:
         from .core.broden import read_broden
         from .plotting import write_unit_gallery
@@ -650,8 +650,8 @@ def _cmd_correct(args):
 
 ENGINE_CHOICES = ("local", "ray")  # conceptlens.core.engine.ENGINES, without importing the core for --help
 ENGINE_HELP = ("where forward passes run: local (default) or ray (Ray actors; RAY_ADDRESS, else a new local "
-               "instance; needs conceptlens[ray]); ray runs `extract` and `topk` so far")
-RAY_COMMANDS = ("extract", "topk")
+               "instance; needs conceptlens[ray]); ray runs `extract`, `topk` and `dissect`'s forward pass so far")
+RAY_COMMANDS = ("extract", "topk", "dissect")
 
 
 def build_parser():

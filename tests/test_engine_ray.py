@@ -142,6 +142,17 @@ def test_topk_ranked_in_the_actors_equals_the_local_top_k(demo_weights, manifest
                            shallow=False)
 
 
+def test_dissection_with_its_forward_pass_on_ray_is_the_local_dissection(demo_model, world_dir, tmp_path):
+    from conceptlens.dissection import dissect
+
+    # The Broden set's manifest lives in memory (image paths under images/): the actors get it as is.
+    runs = {e: dissect(demo_model, world_dir / "broden", ["conv4"], tmp_path / e, top_k=4, batch_size=BATCH,
+                       progress=False, engine=e) for e in ("local", "ray")}
+    local, remote = (runs[e].to_frame() for e in ("local", "ray"))
+    assert local.equals(remote)
+    np.testing.assert_array_equal(runs["local"].thresholds["conv4"], runs["ray"].thresholds["conv4"])
+
+
 def test_workers_refuse_other_weights_and_missing_data(demo_weights, manifest, tmp_path):
     weights = tmp_path / "m.pt"
     shutil.copy(demo_weights, weights)
@@ -153,11 +164,12 @@ def test_workers_refuse_other_weights_and_missing_data(demo_weights, manifest, t
     with pytest.raises(ConceptLensError, match=r"node .*: demo:.*m\.pt loads weights \w+, not the driver's"):
         _extract(model, manifest, tmp_path / "a", engine="ray", shards=2)
     good = load_model(f"demo:{weights}", device="cpu")
-    copy = tmp_path / "manifest.csv"
-    shutil.copy(manifest, copy)
-    m = Manifest.read(copy)
-    copy.unlink()  # the driver read it; the nodes cannot
-    with pytest.raises(ConceptLensError, match=r"node .*: manifest .*manifest\.csv does not exist there"):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(manifest, data / "manifest.csv")
+    m = Manifest.read(data / "manifest.csv")
+    data.rename(tmp_path / "elsewhere")  # the driver read the manifest; the nodes do not see its folder
+    with pytest.raises(ConceptLensError, match=r"node .*: the data folder .*data \(of .*manifest\.csv\) does not exist there"):
         _extract(good, m, tmp_path / "b", engine="ray", shards=2)
 
 
@@ -165,7 +177,7 @@ def test_engine_errors_are_one_line(monkeypatch, capsys, demo_weights):
     with pytest.raises(ConceptLensError, match="engine must be one of local, ray"):
         check_engine("spark")
     assert main(["--engine", "ray", "layers", f"demo:{demo_weights}"]) == 2
-    assert "--engine ray runs extract, topk so far" in capsys.readouterr().err
+    assert "--engine ray runs extract, topk, dissect so far" in capsys.readouterr().err
     real_import = builtins.__import__
 
     def no_ray(name, *args, **kwargs):

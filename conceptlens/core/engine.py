@@ -10,9 +10,12 @@ then appends the finished shards, in row order, to the store at ``out`` through 
 Failures: an actor that dies is restarted and its shard retried by Ray (``max_restarts``,
 ``max_task_retries``); a retried shard resumes or rewrites its own store, and the driver appends a
 shard only once it is complete, so every row lands exactly once. An interrupted run resumes by
-shard: finished shards are reused, appended ones skipped. Mergeable observers (top-k) are filled
-in the actors, one per shard, and merged by the driver in row order. An actor that cannot read the manifest,
-or loads weights other than the driver's, stops the run with a line naming its node.
+shard: finished shards are reused, appended ones skipped. An actor that cannot see the data
+folder, or loads weights other than the driver's, stops the run with a line naming its node.
+
+The actors get the driver's manifest (an in-memory one too, e.g. a Broden set's) through Ray's
+object store; the images must be at the same paths on every node. Mergeable observers (top-k)
+are filled in the actors, one per shard, and merged by the driver in row order.
 """
 
 from __future__ import annotations
@@ -69,20 +72,22 @@ class _ShardWorker:
             f"{self.where}: {spec} loads weights {self.model.weights_hash[:12]}, not the driver's {weights_hash[:12]}; "
             "give every node the same weights file")
 
-    def run(self, job, start, stop, shard_dir):
-        """Extract rows ``start:stop`` into ``shard_dir``; returns the shard's filled observers."""
-        from ..data import Manifest, Preprocessing, make_loader
+    def run(self, job, manifest, start, stop, shard_dir):
+        """Extract rows ``start:stop`` of ``manifest`` (the driver's, from the object store) into
+        ``shard_dir``; returns the shard's filled observers."""
+        from ..data import Preprocessing, make_loader
         from .extract import _Target, _write_pass
         from .store import StoreWriter
 
         if self.mismatch:
             raise ConceptLensError(self.mismatch)
-        if not Path(job["manifest"]).is_file():
-            raise ConceptLensError(f"{self.where}: manifest {job['manifest']} does not exist there; every node needs the "
-                                   "data at the same path (a shared file system)")
-        manifest = Manifest.read(job["manifest"])
+        if not manifest.root.is_dir():
+            raise ConceptLensError(f"{self.where}: the data folder {manifest.root} (of {manifest.path}) does not exist "
+                                   "there; every node needs the data at the same path (a shared file system)")
         writer = StoreWriter(shard_dir, {**job["request"], "shard": [start, stop]}, stop - start)
         observers = job["observers"]  # fresh, empty copies (deserialised per call and per retry)
+        if Path(shard_dir).is_dir() and not (Path(shard_dir) / "meta.json").is_file():
+            shutil.rmtree(shard_dir)  # an actor killed while it created this shard's files: start it again
         state = writer.existing()
         if state and observers:  # the observers must see every row of the shard
             writer.restart()
@@ -165,12 +170,13 @@ def ray_extract(model, manifest, request_of, out, batch_size=64, skip_bad=False,
             state = None
         done = _resume_point(writer, state, ranges, shard_root)
         todo = [(i, a, b) for i, (a, b) in enumerate(ranges) if b > done]
-        job = {"manifest": str(manifest.path), "preprocessing": prep.to_dict(), "layers": list(layers), "pool": pool,
+        job = {"preprocessing": prep.to_dict(), "layers": list(layers), "pool": pool,
                "dtype": dtype, "batch_size": batch_size, "skip_bad": skip_bad, "request": request,
                "observers": [o.empty() for o in observers]}
         merged = list(observers)
         # Shards go to the actors in turn; each actor runs its queue in order.
-        pending = {i: pool_[j % len(pool_)].run.remote(job, a, b, str(shard_root / f"{i:05d}"))
+        frame = ray.put(manifest)  # once in the object store, not once per shard
+        pending = {i: pool_[j % len(pool_)].run.remote(job, frame, a, b, str(shard_root / f"{i:05d}"))
                    for j, (i, a, b) in enumerate(todo)}
         with tqdm(total=len(manifest), initial=done, desc="extract (ray)", unit="img", disable=not progress) as bar:
             for i, a, b in todo:  # append in row order as shards finish

@@ -357,6 +357,7 @@ def dissect(
     chunk_rows=32,
     num_workers=0,
     progress=True,
+    engine="local",
 ):
     """Dissect ``layers`` of a model on a Broden-style concept set.
 
@@ -404,6 +405,9 @@ def dissect(
         DataLoader workers for the forward pass.
     progress : bool, default True
         tqdm progress bars.
+    engine : {"local", "ray"}
+        Where the forward pass runs (:func:`~conceptlens.core.extract.extract`); the store, and so
+        the thresholds and tallies read from it here, are the same either way.
 
     Returns
     -------
@@ -430,7 +434,8 @@ def dissect(
     t0 = time.perf_counter()
     manifest = broden.manifest()
     store = extract(model, manifest, layers, out / "activations", pool="none", dtype=dtype,
-                    batch_size=batch_size, num_workers=num_workers, preprocessing=prep, progress=progress)
+                    batch_size=batch_size, num_workers=num_workers, preprocessing=prep, progress=progress,
+                    engine=engine)
     layers = store.layers
     if store.n_rows != len(broden):
         raise ConceptLensError(f"the activation store {store.path} has {store.n_rows} rows for {len(broden)} Broden images")
