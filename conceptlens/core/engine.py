@@ -175,8 +175,8 @@ def ray_extract(model, manifest, request_of, out, batch_size=64, skip_bad=False,
                "observers": [o.empty() for o in observers]}
         merged = list(observers)
         # Shards go to the actors in turn; each actor runs its queue in order.
-        frame = ray.put(manifest)  # once in the object store, not once per shard
-        pending = {i: pool_[j % len(pool_)].run.remote(job, frame, a, b, str(shard_root / f"{i:05d}"))
+        manifest_ref = ray.put(manifest)  # once in the object store, not once per shard
+        pending = {i: pool_[j % len(pool_)].run.remote(job, manifest_ref, a, b, str(shard_root / f"{i:05d}"))
                    for j, (i, a, b) in enumerate(todo)}
         with tqdm(total=len(manifest), initial=done, desc="extract (ray)", unit="img", disable=not progress) as bar:
             for i, a, b in todo:  # append in row order as shards finish
