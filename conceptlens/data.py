@@ -191,6 +191,23 @@ class Manifest:
         """Columns other than ``image``, ``label`` and ``split``."""
         return [c for c in self.frame.columns if c not in ("image", "label", "split")]
 
+    def split_mask(self, split, hint=""):
+        """Boolean mask of the rows whose ``split`` column is ``split`` (``None``: every row).
+
+        Raises one line naming the manifest (and its splits) when it has no such rows; ``hint``
+        (what to do) is appended."""
+        frame = self.frame
+        if split is None:
+            return np.ones(len(frame), bool)
+        tail = f"; {hint}" if hint else ""
+        if "split" not in frame.columns:
+            raise ConceptLensError(f"manifest {self.path} has no 'split' column to select split {split!r}{tail}")
+        mask = np.array(frame["split"] == split, dtype=bool)  # a writable copy: callers narrow it in place
+        if not mask.any():
+            raise ConceptLensError(f"manifest {self.path} has no rows with split {split!r}; splits: "
+                                   f"{', '.join(sorted(map(str, frame['split'].unique())))}{tail}")
+        return mask
+
     def subset(self, mask):
         """A manifest of the rows where ``mask`` holds, keeping the same root and sidecar."""
         return dataclasses.replace(self, frame=self.frame[np.asarray(mask)].reset_index(drop=True))

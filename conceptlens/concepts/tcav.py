@@ -158,13 +158,7 @@ def _class_inputs(model, data, classes, split, max_inputs, rng):
     frame = manifest.frame
     if "label" not in frame.columns:
         raise ConceptLensError(f"manifest {manifest.path} has no 'label' column; TCAV takes each class's inputs from the rows with that label")
-    mask = np.ones(len(frame), bool)
-    if split is not None:
-        if "split" not in frame.columns:
-            raise ConceptLensError(f"split {split!r} requested but manifest {manifest.path} has no 'split' column")
-        mask &= (frame["split"] == split).to_numpy()
-        if not mask.any():
-            raise ConceptLensError(f"manifest {manifest.path} has no rows with split {split!r} (splits: {', '.join(sorted(frame['split'].unique()))})")
+    mask = manifest.split_mask(split)
     labels = sorted(frame.loc[mask, "label"].unique())
     out = []
     for name in classes:

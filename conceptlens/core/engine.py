@@ -75,7 +75,7 @@ class _ShardWorker:
     def run(self, job, manifest, start, stop, shard_dir):
         """Extract rows ``start:stop`` of ``manifest`` (the driver's, from the object store) into
         ``shard_dir``; returns the shard's filled observers."""
-        from ..data import Preprocessing, make_loader
+        from ..data import make_loader
         from .extract import _Target, _write_pass
         from .store import StoreWriter
 
@@ -95,8 +95,8 @@ class _ShardWorker:
         if state == "complete":
             return observers
         first = writer.rows_completed if state == "resume" else start
-        batches = make_loader(manifest, Preprocessing.from_dict(job["preprocessing"], source="the driver"),
-                              batch_size=job["batch_size"], skip_bad=job["skip_bad"], rows=range(first, stop))
+        batches = make_loader(manifest, job["preprocessing"], batch_size=job["batch_size"], skip_bad=job["skip_bad"],
+                              rows=range(first, stop))
         target = _Target(writer, list(job["layers"]), job["pool"], job["dtype"])
         _write_pass(self.model, batches, [target], observers, False, first, stop, False)
         writer.finish(manifest.frame, rows=range(start, stop))
@@ -170,7 +170,7 @@ def ray_extract(model, manifest, request_of, out, batch_size=64, skip_bad=False,
             state = None
         done = _resume_point(writer, state, ranges, shard_root)
         todo = [(i, a, b) for i, (a, b) in enumerate(ranges) if b > done]
-        job = {"preprocessing": prep.to_dict(), "layers": list(layers), "pool": pool,
+        job = {"preprocessing": prep, "layers": list(layers), "pool": pool,
                "dtype": dtype, "batch_size": batch_size, "skip_bad": skip_bad, "request": request,
                "observers": [o.empty() for o in observers]}
         merged = list(observers)

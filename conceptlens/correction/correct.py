@@ -54,36 +54,24 @@ class CorrectedModel:
     settings: dict
 
 
-def _corrected_spec(spec, weights):
+def _spec_parts(spec):
+    """``(prefix, weights)``: a ``demo:``/``torchvision:``/``python:`` spec up to its weights file,
+    and that file (``None`` when the spec names none)."""
     kind, rest = _split_spec(spec)
-    if kind == "demo":
-        return f"demo:{weights}"
-    if kind == "torchvision":
-        return f"torchvision:{rest.partition(':')[0]}:{weights}"
-    mod, factory = rest.split(":")[:2]
-    return f"python:{mod}:{factory}:{weights}"
-
-
-def _weights_file(spec):
-    """The weights file a ``demo:``/``torchvision:``/``python:`` spec loads, or None."""
-    kind, rest = _split_spec(spec)
+    before = {"demo": 0, "torchvision": 1, "python": 2}[kind]  # fields ahead of the weights file
     parts = rest.split(":")
-    path = {"demo": parts[0], "torchvision": parts[1] if len(parts) > 1 else None,
-            "python": parts[2] if len(parts) > 2 else None}[kind]
-    return Path(path).resolve() if path else None
+    return ":".join([kind, *parts[:before]]), (parts[before] if len(parts) > before else None)
 
 
-def _train_rows(manifest):
-    frame = manifest.frame
-    if "split" not in frame.columns or not (frame["split"] == "train").any():
-        raise ConceptLensError(f"manifest {manifest.path} has no 'train' rows in a split column; correct fine-tunes on "
-                               "the train rows (split them with `conceptlens split`)")
-    return manifest.subset(frame["split"] == "train")
+def _split_rows(manifest, split, purpose):
+    """The sub-manifest of ``split`` rows; one line naming the manifest when it has none."""
+    return manifest.subset(manifest.split_mask(split, hint=f"{purpose} (split it with `conceptlens split`)"))
 
 
-def _labels(model, manifest):
+def _labels_of(model, manifest):
+    """The logit index of each row's label (``[N]``), or one line naming the labels the model lacks."""
     if not model.classes:
-        raise ConceptLensError(f"model {model.spec} has no class names (a sidecar with \"classes\"); correct needs them "
+        raise ConceptLensError(f"model {model.spec} has no class names (a sidecar with \"classes\"); they are needed "
                                "to map the manifest's labels to logits")
     unknown = sorted(set(manifest.frame["label"]) - set(model.classes))
     if unknown:
@@ -162,7 +150,8 @@ def correct(model, data, method, out, concepts=None, random_pool=None, concept=N
     if weight is not None and not (np.isfinite(weight) and weight >= 0):
         raise ConceptLensError(f"the weight must be a finite number >= 0; got {weight!r}")
     manifest = Manifest.read(data)
-    train = _train_rows(manifest)
+    train = _split_rows(manifest, "train", "correct fine-tunes on the train rows")
+    prep = model.preprocessing_for(train, preprocessing=preprocessing)  # for the CAV and the fine-tuning alike
     settings = {"method": method, "reference": _REFERENCES[method], "input_model": model.spec,
                 "input_weights_hash": model.weights_hash, "manifest": str(manifest.path),
                 "manifest_hash": manifest.content_hash(), "seed": int(seed)}
@@ -173,7 +162,7 @@ def correct(model, data, method, out, concepts=None, random_pool=None, concept=N
             if missing:
                 raise ConceptLensError(f"{method} needs the artifact's CAV: give {', '.join(missing)}")
             cav = fit_artifact_cav(model, concepts, random_pool, concept, layer, method=cav_method,
-                                   preprocessing=preprocessing, seed=seed)
+                                   preprocessing=prep, seed=seed)
         else:
             cav.check_layer(model.module, cav.layer if layer is None else layer)
             layer = cav.layer
@@ -189,11 +178,11 @@ def correct(model, data, method, out, concepts=None, random_pool=None, concept=N
         settings.update(masks_column=masks_column, weight=float(DEFAULT_RRR_WEIGHT if weight is None else weight))
 
     out = Path(out)
-    if _weights_file(model.spec) in ((out / "model.pt").resolve(), (out / "model.json").resolve()):
+    prefix, given = _spec_parts(model.spec)
+    if given and Path(given).resolve() in ((out / "model.pt").resolve(), (out / "model.json").resolve()):
         raise ConceptLensError(f"{out / 'model.pt'} is the input model's own weights file; write the corrected model "
                                "to another folder (the input is never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
-    prep = model.preprocessing_for(train, preprocessing=preprocessing)
     settings["preprocessing"] = prep.to_dict()
     if method == "p-clarc":
         module = p_clarc(model, cav).module
@@ -202,7 +191,7 @@ def correct(model, data, method, out, concepts=None, random_pool=None, concept=N
     else:
         module, projection = copy.deepcopy(model.module), None
         x = read_images(train, prep).x.to(model.device)
-        y = _labels(model, train).to(model.device)
+        y = _labels_of(model, train).to(model.device)
         if method in _CLARC and not train_all:
             settings["frozen"] = _freeze_through(module, layer, x[:1])
         penalty, aux, handle = None, None, None
@@ -234,7 +223,7 @@ def correct(model, data, method, out, concepts=None, random_pool=None, concept=N
     if projection is not None:
         sidecar["projection"] = projection
     weights.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
-    spec = _corrected_spec(model.spec, weights)
+    spec = f"{prefix}:{weights}"
     settings["output_model"] = spec
     (out / "correction.json").write_text(json.dumps(settings, indent=2) + "\n")
     logger.info("%s: corrected model written to %s", method, spec)

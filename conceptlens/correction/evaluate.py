@@ -26,11 +26,13 @@ import torch
 from PIL import Image
 
 from ..attribution import attribute, localization
-from ..concepts import TCAV
+from ..concepts import TCAV, bootstrap_ci
 from ..core.extract import predict_tensor
 from ..core.result import Result, provenance
 from ..data import Manifest, read_images
 from ..errors import ConceptLensError
+from ..review import wilson_interval
+from .correct import _labels_of, _split_rows
 
 __all__ = ["Artifact", "evaluate_correction", "CorrectionEvaluation", "DEFAULT_RELEVANCE_METHOD"]
 
@@ -100,25 +102,10 @@ class CorrectionEvaluation(Result):
         return cls(pd.read_csv(d / "evaluation.csv"), meta["provenance"])
 
 
-def _wilson(hits, n):
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(hits), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
-def _bootstrap_mean(values, seed):
-    from scipy.stats import bootstrap
-
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    res = bootstrap((values,), np.mean, n_resamples=2000, confidence_level=0.95, random_state=seed, method="percentile")
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def _accuracy(model, x, y):
     hits = int((predict_tensor(model, x).argmax(1).cpu() == y).sum())
-    return hits / len(y), *_wilson(hits, len(y))
+    low, high = wilson_interval(hits, len(y))
+    return hits / len(y), float(low), float(high)
 
 
 def evaluate_correction(models, data, target_class, artifact=None, concepts=None, random_pool=None, concept=None,
@@ -152,20 +139,15 @@ def evaluate_correction(models, data, target_class, artifact=None, concepts=None
     if not models:
         raise ConceptLensError("evaluate_correction needs at least one model")
     manifest = Manifest.read(data)
-    frame = manifest.frame
-    if "split" not in frame.columns or not (frame["split"] == "test").any():
-        raise ConceptLensError(f"manifest {manifest.path} has no 'test' rows in a split column to evaluate on")
-    test = manifest.subset(frame["split"] == "test")
+    test = _split_rows(manifest, "test", "evaluate_correction measures on the test rows")
     audit = all(v is not None for v in (concepts, random_pool, concept, layer))
-    rows = []
+    rows, images = [], {}
     for name, model in models.items():
         k = model.class_index(target_class)
         prep = model.preprocessing_for(test, preprocessing=preprocessing)
-        x = read_images(test, prep).x
-        unknown = sorted(set(test.frame["label"]) - set(model.classes or []))
-        if unknown:
-            raise ConceptLensError(f"test labels {unknown[:5]} of {manifest.path} are not classes of {model.spec}")
-        y = torch.tensor([model.classes.index(c) for c in test.frame["label"]])
+        if prep not in images:  # models with the same preprocessing (before and after) share one read
+            images[prep] = read_images(test, prep).x
+        x, y = images[prep], _labels_of(model, test)
         row = {"model": name}
         row["clean_accuracy"], row["clean_ci_low"], row["clean_ci_high"] = _accuracy(model, x, y)
         row["n_clean"] = len(y)
@@ -177,17 +159,17 @@ def evaluate_correction(models, data, target_class, artifact=None, concepts=None
             maps = attribute(model, xa, target=k, method=relevance_method, reduce="abs", progress=progress)
             share = localization(maps, artifact.mask.numpy()).frame["relevance_mass"].to_numpy()
             row["relevance_share"] = float(share.mean())
-            row["relevance_ci_low"], row["relevance_ci_high"] = _bootstrap_mean(share, seed)
+            low, high = bootstrap_ci(share, seed=seed) if len(share) > 1 else (np.nan, np.nan)
+            row["relevance_ci_low"], row["relevance_ci_high"] = float(np.squeeze(low)), float(np.squeeze(high))
         else:
             row.update(attacked_accuracy=np.nan, attacked_ci_low=np.nan, attacked_ci_high=np.nan, n_attacked=0,
                        relevance_share=np.nan, relevance_ci_low=np.nan, relevance_ci_high=np.nan)
         if audit:
             result = TCAV(model, [layer], runs=tcav_runs, seed=seed, preprocessing=preprocessing, progress=progress).run(
                 concepts, random_pool, [target_class], manifest, split="test", concept_names=[concept])
-            verdict = result.audit([(concept, target_class)]).iloc[0]
-            table = result.to_frame().set_index("concept").loc[[concept]].iloc[0]
-            row.update(tcav_score=float(table["score_mean"]), tcav_null=float(table["null_mean"]),
-                       tcav_p_adjusted=float(table["p_adjusted"]), audit=str(verdict["verdict"]))
+            verdict = result.audit([(concept, target_class)]).iloc[0]  # one layer: its test decides
+            row.update(tcav_score=float(verdict["score_mean"]), tcav_null=float(verdict["null_mean"]),
+                       tcav_p_adjusted=float(verdict["min_p_adjusted"]), audit=str(verdict["verdict"]))
         rows.append(row)
         logger.info("%s: clean %.3f, attacked %s", name, row["clean_accuracy"], row["attacked_accuracy"])
     params = {"target_class": target_class, "relevance_method": relevance_method, "concept": concept, "layer": layer,

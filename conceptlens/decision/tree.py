@@ -341,14 +341,7 @@ def _check(n_modes, cells, prototypes, select, max_images):
 
 def _selected_rows(manifest, split, select, class_name):
     frame = manifest.frame
-    keep = np.ones(len(frame), bool)
-    if split is not None:
-        if "split" not in frame.columns:
-            raise ConceptLensError(f"manifest {manifest.path} has no 'split' column; drop split (--split)")
-        keep &= (frame["split"] == split).to_numpy()
-        if not keep.any():
-            raise ConceptLensError(f"manifest {manifest.path} has no rows with split {split!r}; splits: "
-                                   f"{', '.join(sorted(map(str, frame['split'].unique())))}")
+    keep = manifest.split_mask(split, hint="pick another split or drop it (--split)")
     if select == "label":
         if "label" not in frame.columns:
             raise ConceptLensError(f"manifest {manifest.path} has no 'label' column; use select='predicted' "

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..core.extract import iter_activations
 from ..core.result import Result, provenance
@@ -166,18 +167,20 @@ def _sample(batches, model, layer, samples_per_image, seed):
         if samples_per_image > h * w:
             raise ConceptLensError(f"samples_per_image={samples_per_image} exceeds the {h}x{w} = {h * w} positions "
                                    f"of layer {layer!r}'s map; pass at most {h * w}")
-        maps = maps.float().cpu()
-        for i, row in enumerate(np.asarray(batch_rows).tolist()):
-            picks = np.random.default_rng([seed, int(row)]).choice(h * w, size=samples_per_image, replace=False)
-            for p in picks.tolist():
-                y, x = divmod(p, w)
-                vectors.append(maps[i, :, y, x].numpy())
-                rows.append(int(row))
-                ys.append(y)
-                xs.append(x)
+        batch_rows = np.asarray(batch_rows)
+        # One seeded draw per image (positions depend on the row only), then one gather for the batch.
+        picks = np.stack([np.random.default_rng([seed, int(r)]).choice(h * w, size=samples_per_image, replace=False)
+                          for r in batch_rows])
+        flat = maps.float().cpu().flatten(2)  # [B, C, H*W]
+        taken = flat.gather(2, torch.from_numpy(picks)[:, None, :].expand(-1, flat.shape[1], -1))  # [B, C, K]
+        vectors.append(taken.permute(0, 2, 1).reshape(-1, flat.shape[1]).numpy())
+        rows.append(np.repeat(batch_rows, samples_per_image))
+        ys.append((picks // w).ravel())
+        xs.append((picks % w).ravel())
     if not vectors:
         raise ConceptLensError("no readable image in the data; nothing to lay out")
-    return np.stack(vectors).astype(np.float32), np.asarray(rows), np.asarray(ys), np.asarray(xs)
+    return (np.concatenate(vectors).astype(np.float32), np.concatenate(rows).astype(np.int64), np.concatenate(ys),
+            np.concatenate(xs))
 
 
 def _recording(batches, seen):

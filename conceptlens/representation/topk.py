@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..data import Manifest, make_loader
 from ..errors import ConceptLensError
 from ..models import load_model
+from ..core.engine import check_engine
 from ..core.extract import extract, iter_activations
 from ..core.topk import TopK
 from ..core.result import Result, provenance
@@ -206,6 +207,8 @@ def topk(model, data, layers, k=16, score="max", *, store=None, pool="mean", bat
     -------
     TopKResult
     """
+    if check_engine(engine) != "local" and store is None:
+        raise ConceptLensError(f"top-k with engine={engine!r} ranks during the extraction of a store: pass store=")
     model = load_model(model) if isinstance(model, str) else model
     manifest = data if isinstance(data, Manifest) else Manifest.read(data)
     acc = TopK(k, score)
